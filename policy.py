@@ -1,0 +1,425 @@
+"""THE tiering policy: cumulative-attention scores sort KV tokens into HBM, DDR, compressed and evicted.
+
+One state machine, two entry points: `TieringPolicy.step` (online, one decode step at a time, used
+by a live cache) and `replay` (offline, a whole trace request into a `TierSchedule`, used by the
+simulator and the replay validator). Pure numpy, no I/O. Semantics: DESIGN.md §1 and §3.
+
+Timeline of decode step t (0-based) of a request with a P-token prompt: the token at position P+t
+is appended to the cache in HBM, its query attends over positions 0..P+t and those weights are added
+to the scores; if t+1 generated tokens are now cached, t+1 is a multiple of `interval` and
+t+1 > sinks + window, the cache is re-tiered at the end of the step, effective from step t+1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from tiersim.errors import PolicyError
+
+HBM, DDR, COMPRESSED, EVICTED = 0, 1, 2, 3
+TIER_NAMES = ("hbm", "ddr", "compressed", "evicted")
+EVICTION_MODES = ("target", "compound")
+COMPRESSED_BITS = (2, 4, 8)
+TRANSITION_KINDS = ("demoted", "promoted", "compressed", "decompressed", "evicted")
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise PolicyError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise PolicyError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """The knobs of the method; defaults are the paper's (DESIGN.md §1) with non-compounding eviction."""
+
+    hbm_ratio: float = 0.5
+    evict_ratio: float = 0.03
+    sinks: int = 4
+    window: int = 128
+    interval: int = 64
+    compressed_ratio: float = 0.0
+    compressed_bits: int = 8
+    page_size: int = 1
+    eviction: str = "target"
+    sticky: bool = False
+
+    def __post_init__(self) -> None:
+        _check_ratio("hbm_ratio", self.hbm_ratio)
+        _check_ratio("evict_ratio", self.evict_ratio)
+        _check_ratio("compressed_ratio", self.compressed_ratio)
+        _check_int("sinks", self.sinks, 0)
+        _check_int("window", self.window, 0)
+        _check_int("interval", self.interval, 1)
+        _check_int("page_size", self.page_size, 1)
+        if self.compressed_bits not in COMPRESSED_BITS or isinstance(self.compressed_bits, bool):
+            raise PolicyError(f"compressed_bits must be one of {COMPRESSED_BITS}, got {self.compressed_bits!r}")
+        if self.eviction not in EVICTION_MODES:
+            raise PolicyError(f"eviction must be one of {EVICTION_MODES}, got {self.eviction!r}")
+        if not isinstance(self.sticky, bool):
+            raise PolicyError(f"sticky must be true or false, got {self.sticky!r}")
+
+    def to_dict(self) -> dict:
+        """Plain dict of the knobs, for headers and summaries."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True)
+class TierChanges:
+    """What one decode step changes: token positions and the tier each moves from and to."""
+
+    step: int
+    positions: np.ndarray
+    from_tier: np.ndarray
+    to_tier: np.ndarray
+    retiered: bool = False
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def of_kind(self, kind: str) -> np.ndarray:
+        """Positions of one transition kind (see `TRANSITION_KINDS`)."""
+        return self.positions[_kind_mask(kind, self.from_tier, self.to_tier)]
+
+    @property
+    def demoted(self) -> np.ndarray:
+        """HBM → DDR."""
+        return self.of_kind("demoted")
+
+    @property
+    def promoted(self) -> np.ndarray:
+        """DDR or compressed → HBM."""
+        return self.of_kind("promoted")
+
+    @property
+    def compressed(self) -> np.ndarray:
+        """HBM or DDR → compressed."""
+        return self.of_kind("compressed")
+
+    @property
+    def evicted(self) -> np.ndarray:
+        """Anything → evicted (never returns)."""
+        return self.of_kind("evicted")
+
+
+def _kind_mask(kind: str, from_tier: np.ndarray, to_tier: np.ndarray) -> np.ndarray:
+    if kind == "demoted":
+        return (from_tier == HBM) & (to_tier == DDR)
+    if kind == "promoted":
+        return to_tier == HBM
+    if kind == "compressed":
+        return to_tier == COMPRESSED
+    if kind == "decompressed":
+        return (from_tier == COMPRESSED) & (to_tier == DDR)
+    if kind == "evicted":
+        return to_tier == EVICTED
+    raise PolicyError(f"unknown transition kind {kind!r}; accepted: {', '.join(TRANSITION_KINDS)}")
+
+
+_NO_MOVES = np.zeros(0, dtype=np.int64)
+_NO_TIERS = np.zeros(0, dtype=np.int8)
+
+
+class TieringPolicy:
+    """The online state machine: per-position scores and tiers of one request's KV cache."""
+
+    def __init__(self, config: PolicyConfig, prefill: np.ndarray, expected_steps: int = 0):
+        prefill = np.asarray(prefill)
+        if prefill.ndim != 1:
+            raise PolicyError(f"prefill scores must be a 1-D array over the prompt, got shape {prefill.shape}")
+        if not np.all(np.isfinite(prefill)) or (prefill.size and prefill.min() < 0):
+            raise PolicyError("prefill scores must be finite and non-negative")
+        self.config = config
+        self.prompt_tokens = len(prefill)
+        self.steps_done = 0
+        self._length = self.prompt_tokens
+        capacity = max(16, self.prompt_tokens + max(expected_steps, 0) + 1)
+        self._scores = np.zeros(capacity, dtype=np.float64)
+        self._scores[: self.prompt_tokens] = prefill
+        self._tiers = np.zeros(capacity, dtype=np.int8)
+
+    @property
+    def length(self) -> int:
+        """Positions currently in the cache (prompt plus generated tokens fed so far)."""
+        return self._length
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Cumulative attention score per position (read-only view)."""
+        view = self._scores[: self._length]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def tiers(self) -> np.ndarray:
+        """Tier per position, HBM=0 DDR=1 COMPRESSED=2 EVICTED=3 (read-only view)."""
+        view = self._tiers[: self._length]
+        view.flags.writeable = False
+        return view
+
+    def _grow(self, needed: int) -> None:
+        if needed <= len(self._scores):
+            return
+        capacity = max(needed, 2 * len(self._scores))
+        self._scores = np.concatenate([self._scores, np.zeros(capacity - len(self._scores))])
+        self._tiers = np.concatenate([self._tiers, np.zeros(capacity - len(self._tiers), dtype=np.int8)])
+
+    def step(self, increments: np.ndarray) -> TierChanges:
+        """Feed one decode step's attention over positions 0..P+t; return the tier changes to apply."""
+        length = self._length + 1
+        increments = np.asarray(increments)
+        if increments.shape != (length,):
+            raise PolicyError(
+                f"step {self.steps_done}: increments must have length {length} (prompt {self.prompt_tokens} "
+                f"+ {self.steps_done + 1} generated), got shape {increments.shape}"
+            )
+        if not np.all(np.isfinite(increments)) or increments.min() < 0:
+            raise PolicyError(f"step {self.steps_done}: increments must be finite and non-negative")
+        self._grow(length)
+        self._tiers[length - 1] = HBM
+        self._scores[length - 1] = 0.0
+        scores = self._scores[:length]
+        if self.config.sticky:
+            # The authors' prototype never re-scored offloaded tokens.
+            scores += np.where(self._tiers[:length] == HBM, increments, 0.0)
+        else:
+            scores += increments
+        self._length = length
+        step = self.steps_done
+        self.steps_done += 1
+        generated = length - self.prompt_tokens
+        cfg = self.config
+        if generated % cfg.interval == 0 and generated > cfg.sinks + cfg.window:
+            return self._retier(step)
+        return TierChanges(step, _NO_MOVES, _NO_TIERS, _NO_TIERS)
+
+    def _retier(self, step: int) -> TierChanges:
+        cfg, n = self.config, self.config.page_size
+        first, stop = candidate_pages(cfg, self.prompt_tokens, self._length)
+        lo, hi = first * n, stop * n
+        old = self._tiers[lo:hi:n].copy()
+        page_scores = self._scores[lo:hi].reshape(-1, n).sum(axis=1)
+        new = _assign_tiers(cfg, old, page_scores)
+        moved = np.flatnonzero(new != old)
+        if moved.size == 0:
+            return TierChanges(step, _NO_MOVES, _NO_TIERS, _NO_TIERS, retiered=True)
+        positions = ((first + moved)[:, None] * n + np.arange(n)[None, :]).ravel()
+        from_tier = np.repeat(old[moved], n)
+        to_tier = np.repeat(new[moved], n)
+        self._tiers[positions] = to_tier
+        return TierChanges(step, positions.astype(np.int64), from_tier, to_tier, retiered=True)
+
+
+def _assign_tiers(cfg: PolicyConfig, old: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """New tier per candidate unit (token or page) from its old tier and its score."""
+    new = old.copy()
+    alive = np.flatnonzero(old != EVICTED)
+    # Ascending by score; ties go to the earlier position first (stable sort).
+    alive = alive[np.argsort(scores[alive], kind="stable")]
+    n_evicted = len(old) - len(alive)
+    if cfg.eviction == "compound":
+        n_evict = math.floor(cfg.evict_ratio * len(alive))
+    else:
+        n_evict = max(0, math.floor(cfg.evict_ratio * len(old)) - n_evicted)
+    new[alive[:n_evict]] = EVICTED
+    rest = alive[n_evict:]
+    n_hbm = math.floor(cfg.hbm_ratio * len(rest))
+    if cfg.sticky:
+        return _assign_sticky(cfg, old, new, rest, n_hbm)
+    top = rest[len(rest) - n_hbm :]
+    offloaded = rest[: len(rest) - n_hbm]
+    n_compressed = math.floor(cfg.compressed_ratio * len(offloaded))
+    new[top] = HBM
+    new[offloaded[:n_compressed]] = COMPRESSED
+    new[offloaded[n_compressed:]] = DDR
+    return new
+
+
+def _assign_sticky(cfg: PolicyConfig, old: np.ndarray, new: np.ndarray, rest: np.ndarray, n_hbm: int) -> np.ndarray:
+    """The authors' prototype: offloaded units never come back; only HBM residents are demoted."""
+    resident = rest[old[rest] == HBM]
+    n_demote = max(0, len(resident) - n_hbm)
+    new[resident[:n_demote]] = DDR
+    offloaded = rest[new[rest] != HBM]
+    n_compress = math.floor(cfg.compressed_ratio * len(offloaded)) - int(np.sum(new[offloaded] == COMPRESSED))
+    if n_compress > 0:
+        in_ddr = offloaded[new[offloaded] == DDR]
+        new[in_ddr[:n_compress]] = COMPRESSED
+    return new
+
+
+class TraceRequest(Protocol):
+    """What `replay` needs of a trace request (tiersim.traces.format.Request provides it)."""
+
+    prefill: np.ndarray
+    generated_tokens: int
+
+    @property
+    def steps(self) -> int: ...
+
+    def rows(self) -> Iterable[np.ndarray]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TierSchedule:
+    """A request's tiering over its decode steps, as arrays; memory O(steps + tokens + moves).
+
+    `counts[t]` and `mass[t]` describe what the attention of step t saw (before a re-tier at its end).
+    Re-tier point k happened at the end of step `retier_steps[k]`; its moves are
+    `moves_*[moves_offsets[k]:moves_offsets[k+1]]`.
+    """
+
+    config: PolicyConfig
+    prompt_tokens: int
+    generated_tokens: int
+    counts: np.ndarray  # (steps, 4) int64 tokens per tier
+    mass: np.ndarray  # (steps, 4) float64 attention mass per tier
+    retier_steps: np.ndarray  # (R,) int64
+    moves_offsets: np.ndarray  # (R+1,) int64
+    moves_pos: np.ndarray  # int64 token positions
+    moves_from: np.ndarray  # int8
+    moves_to: np.ndarray  # int8
+    protected: np.ndarray  # (steps,) tokens protected (prompt, sinks, window, partial pages) during step t
+    final_counts: np.ndarray  # (4,) tokens per tier after the last step, its re-tier included
+
+    @property
+    def steps(self) -> int:
+        """Decode steps covered."""
+        return len(self.counts)
+
+    @property
+    def retiers(self) -> int:
+        """Number of re-tier points."""
+        return len(self.retier_steps)
+
+    def _point(self, k: int) -> int:
+        if not -self.retiers <= k < self.retiers:
+            raise PolicyError(f"re-tier point {k} out of range: this schedule has {self.retiers}")
+        return k % self.retiers
+
+    def moves(self, k: int) -> TierChanges:
+        """The moves of re-tier point k (negative k counts from the end)."""
+        k = self._point(k)
+        a, b = self.moves_offsets[k], self.moves_offsets[k + 1]
+        return TierChanges(int(self.retier_steps[k]), self.moves_pos[a:b], self.moves_from[a:b], self.moves_to[a:b], True)
+
+    def transition_counts(self) -> np.ndarray:
+        """(R, 5) tokens per re-tier point for each of `TRANSITION_KINDS`."""
+        out = np.zeros((self.retiers, len(TRANSITION_KINDS)), dtype=np.int64)
+        for k in range(self.retiers):
+            m = self.moves(k)
+            out[k] = [np.count_nonzero(_kind_mask(kind, m.from_tier, m.to_tier)) for kind in TRANSITION_KINDS]
+        return out
+
+    def tiers_after(self, k: int) -> np.ndarray:
+        """Tier of every position cached right after re-tier point k (rebuilt from the moves)."""
+        k = self._point(k)
+        length = self.prompt_tokens + int(self.retier_steps[k]) + 1
+        tiers = np.zeros(length, dtype=np.int8)
+        end = self.moves_offsets[k + 1]
+        tiers[self.moves_pos[:end]] = self.moves_to[:end]  # later moves overwrite earlier ones
+        return tiers
+
+    def index_sets(self, k: int) -> dict[str, np.ndarray]:
+        """Positions in each tier right after re-tier point k, keyed by tier name."""
+        tiers = self.tiers_after(k)
+        return {name: np.flatnonzero(tiers == tier) for tier, name in enumerate(TIER_NAMES)}
+
+    def mass_share(self) -> np.ndarray:
+        """Share of all attention mass that landed on each tier, over the whole request."""
+        total = self.mass.sum()
+        return self.mass.sum(axis=0) / total if total > 0 else np.zeros(4)
+
+    def summary(self) -> dict:
+        """Final tier counts, evicted share of generated tokens, and the attention mass share per tier."""
+        last = self.final_counts
+        share = self.mass_share()
+        generated = max(1, self.steps)
+        return {
+            "steps": self.steps,
+            "retiers": self.retiers,
+            **{f"final_{name}_tokens": int(last[i]) for i, name in enumerate(TIER_NAMES)},
+            "evicted_share_of_generated": float(last[EVICTED]) / generated,
+            **{f"mass_share_{name}": float(share[i]) for i, name in enumerate(TIER_NAMES)},
+        }
+
+
+def candidate_pages(config: PolicyConfig, prompt_tokens: int, length: int) -> tuple[int, int]:
+    """Page range [first, stop) of unprotected generated tokens when `length` positions are cached.
+
+    Pages are `page_size` consecutive positions; a page touching the prompt, a sink or the window,
+    or not yet full, is protected as a whole.
+    """
+    n = config.page_size
+    first = -(-(prompt_tokens + config.sinks) // n)
+    stop = max(first, (length - config.window) // n)
+    return first, stop
+
+
+def protected_tokens(config: PolicyConfig, prompt_tokens: int, length: int) -> int:
+    """Tokens kept in HBM unconditionally when `length` positions are cached."""
+    first, stop = candidate_pages(config, prompt_tokens, length)
+    return length - (stop - first) * config.page_size
+
+
+def replay(request: TraceRequest, config: PolicyConfig) -> TierSchedule:
+    """Run the policy over a whole trace request (offline) and record its TierSchedule."""
+    policy = TieringPolicy(config, request.prefill, expected_steps=request.steps)
+    steps = request.steps
+    counts = np.zeros((steps, 4), dtype=np.int64)
+    mass = np.zeros((steps, 4), dtype=np.float64)
+    protected = np.zeros(steps, dtype=np.int64)
+    live = np.array([policy.prompt_tokens, 0, 0, 0], dtype=np.int64)
+    retier_steps: list[int] = []
+    offsets = [0]
+    pos: list[np.ndarray] = []
+    frm: list[np.ndarray] = []
+    to: list[np.ndarray] = []
+    for t, row in enumerate(request.rows()):
+        if t >= steps:
+            break
+        changes = policy.step(row)
+        live[HBM] += 1
+        counts[t] = live
+        protected[t] = protected_tokens(config, policy.prompt_tokens, policy.length)
+        mass[t] = _mass_by_tier(policy.tiers, changes, row)
+        if changes.retiered:
+            np.add.at(live, changes.from_tier, -1)
+            np.add.at(live, changes.to_tier, 1)
+            retier_steps.append(t)
+            pos.append(changes.positions)
+            frm.append(changes.from_tier)
+            to.append(changes.to_tier)
+            offsets.append(offsets[-1] + len(changes))
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)  # noqa: E731
+    return TierSchedule(
+        config=config,
+        prompt_tokens=policy.prompt_tokens,
+        generated_tokens=int(request.generated_tokens),
+        counts=counts,
+        mass=mass,
+        retier_steps=np.asarray(retier_steps, dtype=np.int64),
+        moves_offsets=np.asarray(offsets, dtype=np.int64),
+        moves_pos=cat(pos, np.int64),
+        moves_from=cat(frm, np.int8),
+        moves_to=cat(to, np.int8),
+        protected=protected,
+        final_counts=live.copy(),
+    )
+
+
+def _mass_by_tier(tiers_now: np.ndarray, changes: TierChanges, row: np.ndarray) -> np.ndarray:
+    """Attention mass of one step per tier, with the tiers that held during the step (before its re-tier)."""
+    tiers = tiers_now
+    if changes.retiered and len(changes):
+        tiers = tiers.copy()
+        tiers[changes.positions] = changes.from_tier
+    return np.bincount(tiers, weights=row, minlength=4)[:4]
