@@ -338,6 +338,10 @@ class TierSchedule:
         total = self.mass.sum()
         return self.mass.sum(axis=0) / total if total > 0 else np.zeros(4)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every array of the schedule by field name (for .npz export)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("config", "prompt_tokens", "generated_tokens")}
+
     def summary(self) -> dict:
         """Final tier counts, evicted share of generated tokens, and the attention mass share per tier."""
         last = self.final_counts
