@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
-
 from tiersim import __version__
 from tiersim.errors import TiersimError
 from tiersim.fileio import dumps_json, write_json, write_npz
@@ -52,24 +51,26 @@ def emit_json(target: str | None, obj) -> bool:
     return False
 
 
-json_option = click.option("--json", "json_out", metavar="FILE|-", help="Also write the result as JSON to FILE, or '-' for stdout.")
+json_option = click.option("--json", "json_out", metavar="FILE|-",
+                           help="Also write the result as JSON to FILE, or '-' for stdout.")
 
 
 def policy_options(f):
     """The tiering policy's knobs, shared by every command that runs it; passes `policy: PolicyConfig`."""
     d = PolicyConfig()
+    opt = functools.partial(click.option, show_default=True)
     options = [
-        click.option("--hbm-ratio", type=float, default=d.hbm_ratio, show_default=True, help="β: share of surviving unprotected tokens kept in HBM."),
-        click.option("--evict-ratio", type=float, default=d.evict_ratio, show_default=True, help="r: share of unprotected tokens evicted."),
-        click.option("--sinks", type=int, default=d.sinks, show_default=True, help="First generated tokens always kept in HBM."),
-        click.option("--window", type=int, default=d.window, show_default=True, help="Most recent tokens always kept in HBM."),
-        click.option("--interval", type=int, default=d.interval, show_default=True, help="Δ: decode steps between re-tiers."),
-        click.option("--compressed-ratio", type=float, default=d.compressed_ratio, show_default=True, help="Share of offloaded tokens stored compressed."),
-        click.option("--compressed-bits", type=int, default=d.compressed_bits, show_default=True, help="Bit width of the compressed tier (2, 4 or 8)."),
-        click.option("--page-size", type=int, default=d.page_size, show_default=True, help="Tokens per page, the unit of tiering and transfer."),
-        click.option("--eviction", type=click.Choice(EVICTION_MODES), default=d.eviction, show_default=True,
-                     help="target: evicted ≈ r of unprotected tokens; compound: r of candidates every round (authors' code)."),
-        click.option("--sticky/--no-sticky", default=d.sticky, show_default=True, help="Never re-score or promote offloaded tokens (authors' prototype)."),
+        opt("--hbm-ratio", type=float, default=d.hbm_ratio, help="β: share of surviving unprotected tokens kept in HBM."),
+        opt("--evict-ratio", type=float, default=d.evict_ratio, help="r: share of unprotected tokens evicted."),
+        opt("--sinks", type=int, default=d.sinks, help="First generated tokens always kept in HBM."),
+        opt("--window", type=int, default=d.window, help="Most recent tokens always kept in HBM."),
+        opt("--interval", type=int, default=d.interval, help="Δ: decode steps between re-tiers."),
+        opt("--compressed-ratio", type=float, default=d.compressed_ratio, help="Share of offloaded tokens stored compressed."),
+        opt("--compressed-bits", type=int, default=d.compressed_bits, help="Bit width of the compressed tier (2, 4 or 8)."),
+        opt("--page-size", type=int, default=d.page_size, help="Tokens per page, the unit of tiering and transfer."),
+        opt("--eviction", type=click.Choice(EVICTION_MODES), default=d.eviction,
+            help="target: evicted ≈ r of unprotected tokens; compound: r of candidates every round (authors' code)."),
+        opt("--sticky/--no-sticky", default=d.sticky, help="Never re-score or promote offloaded tokens (authors' prototype)."),
     ]
     names = list(PolicyConfig.__dataclass_fields__)
 
@@ -85,8 +86,10 @@ def policy_options(f):
 
 # -- specs ---------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--model-spec", "extra_models", multiple=True, metavar="NAME|config.json", help="Also show this model (repeatable).")
-@click.option("--hardware", "extra_hardware", multiple=True, metavar="NAME|FILE.toml", help="Also show this hardware profile (repeatable).")
+@click.option("--model-spec", "extra_models", multiple=True, metavar="NAME|config.json",
+              help="Also show this model (repeatable).")
+@click.option("--hardware", "extra_hardware", multiple=True, metavar="NAME|FILE.toml",
+              help="Also show this hardware profile (repeatable).")
 @json_option
 def specs(extra_models: tuple[str, ...], extra_hardware: tuple[str, ...], json_out: str | None) -> None:
     """Show the built-in model shapes and hardware profiles (and any you pass)."""
@@ -121,7 +124,8 @@ def specs(extra_models: tuple[str, ...], extra_hardware: tuple[str, ...], json_o
 # -- synthetic traces ----------------------------------------------------------------------------
 @cli.command()
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), default=4, show_default=True, help="Requests in the trace.")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Prompt length of every request.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt length of every request.")
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Generated tokens per request.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same trace.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trace file to write (atomically).")

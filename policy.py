@@ -13,11 +13,11 @@ t+1 > sinks + window, the cache is re-tiered at the end of the step, effective f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
-
 from tiersim.errors import PolicyError
 
 HBM, DDR, COMPRESSED, EVICTED = 0, 1, 2, 3
@@ -340,7 +340,8 @@ class TierSchedule:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Every array of the schedule by field name (for .npz export)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("config", "prompt_tokens", "generated_tokens")}
+        scalars = ("config", "prompt_tokens", "generated_tokens")
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in scalars}
 
     def summary(self) -> dict:
         """Final tier counts, evicted share of generated tokens, and the attention mass share per tier."""

@@ -10,7 +10,6 @@ import tomllib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from tiersim.errors import SpecError
 from tiersim.specs import (
     MODELS,
