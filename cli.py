@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+
 from tiersim import __version__
 from tiersim.errors import TiersimError
 from tiersim.fileio import dumps_json, write_json, write_npz
@@ -92,7 +93,7 @@ def policy_options(f):
               help="Also show this hardware profile (repeatable).")
 @json_option
 def specs(extra_models: tuple[str, ...], extra_hardware: tuple[str, ...], json_out: str | None) -> None:
-    """Show the built-in model shapes and hardware profiles (and any you pass)."""
+    """Show built-in models and hardware profiles (and yours)."""
     from tiersim.specs import hardware_names, hardware_spec, model_names, model_spec
 
     models = {m.name: m for m in (model_spec(n) for n in [*model_names(), *extra_models])}
@@ -130,7 +131,7 @@ def specs(extra_models: tuple[str, ...], extra_hardware: tuple[str, ...], json_o
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same trace.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trace file to write (atomically).")
 def synth(n_requests: int, prompt_tokens: int, gen_tokens: int, seed: int, out: Path) -> None:
-    """Write a synthetic attention trace (sinks, recency, persistent heavy hitters)."""
+    """Write a synthetic attention trace (sinks, recency, hitters)."""
     from tiersim.traces.synth import SynthParams, write_synth_trace
 
     write_synth_trace(out, SynthParams(), n_requests, prompt_tokens, gen_tokens, seed)
@@ -146,7 +147,7 @@ def synth(n_requests: int, prompt_tokens: int, gen_tokens: int, seed: int, out: 
               help="Write every schedule's arrays to FILE.npz (keys <array>_<request>).")
 @json_option
 def schedule(trace: Path, policy: PolicyConfig, request_index: int | None, export: Path | None, json_out: str | None) -> None:
-    """Replay the tiering policy over a trace: tokens and attention mass per tier."""
+    """Replay the policy over a trace: tokens and mass per tier."""
     from tiersim.policy import replay
     from tiersim.traces.format import read_trace
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from tiersim.errors import PolicyError
 
 HBM, DDR, COMPRESSED, EVICTED = 0, 1, 2, 3

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from tiersim import __version__
 from tiersim.cli import cli
 

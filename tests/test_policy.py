@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tiersim.errors import PolicyError
 from tiersim.policy import (
     COMPRESSED,

@@ -10,6 +10,7 @@ import tomllib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tiersim.errors import SpecError
 from tiersim.specs import (
     MODELS,

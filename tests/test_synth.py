@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tiersim.errors import TiersimError
 from tiersim.traces.format import Request, read_trace
 from tiersim.traces.synth import SynthParams, synth_request, synth_requests, write_synth_trace

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiersim
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import tiersim
 from tiersim.errors import TraceError
 from tiersim.traces.format import (
     FORMAT_VERSION,

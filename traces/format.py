@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
 import tiersim
 from tiersim.errors import TraceError
 from tiersim.fileio import atomic_path

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tiersim.errors import TiersimError
 from tiersim.traces.format import Request, increments_length, to_float16, write_trace
 
