@@ -130,12 +130,37 @@ def specs(extra_models: tuple[str, ...], extra_hardware: tuple[str, ...], json_o
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Generated tokens per request.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; same seed, same trace.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trace file to write (atomically).")
-def synth(n_requests: int, prompt_tokens: int, gen_tokens: int, seed: int, out: Path) -> None:
+@click.option("--like", "like", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="TRACE",
+              help="First fit the generator to this captured trace (scipy) and print the fit.")
+@json_option
+def synth(n_requests: int, prompt_tokens: int, gen_tokens: int, seed: int, out: Path, like: Path | None,
+          json_out: str | None) -> None:
     """Write a synthetic attention trace (sinks, recency, hitters)."""
     from tiersim.traces.synth import SynthParams, write_synth_trace
 
-    write_synth_trace(out, SynthParams(), n_requests, prompt_tokens, gen_tokens, seed)
-    console.print(f"wrote {out}: {n_requests} requests, {prompt_tokens} prompt + {gen_tokens} generated tokens each")
+    params = SynthParams() if like is None else _print_fit(like, json_out)
+    write_synth_trace(out, params, n_requests, prompt_tokens, gen_tokens, seed)
+    if json_out != "-":
+        console.print(f"wrote {out}: {n_requests} requests, {prompt_tokens} prompt + {gen_tokens} generated tokens each")
+
+
+def _print_fit(like: Path, json_out: str | None):
+    """Fit SynthParams to a captured trace, print the fit report, return the parameters."""
+    from tiersim.traces.fit import fit_synth_params
+    from tiersim.traces.format import read_trace
+
+    report = fit_synth_params(read_trace(like))
+    if emit_json(json_out, {"like": str(like), **report.to_dict()}):
+        return report.params
+    t = Table(title=f"fit to {like.name}: captured vs synthetic at the captured lengths"
+                    f" ({report.evaluations} evaluations, {report.seconds:.1f} s)")
+    for col in ("statistic", "captured", "synthetic", "relative error"):
+        t.add_column(col, justify="left" if col == "statistic" else "right")
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    for name, captured, synthetic, error in report.rows():
+        t.add_row(name, fmt(captured, ".4f"), fmt(synthetic, ".4f"), fmt(error, "+.1%"))
+    console.print(t)
+    return report.params
 
 
 # -- schedule: the policy over a trace -----------------------------------------------------------
@@ -173,6 +198,151 @@ def schedule(trace: Path, policy: PolicyConfig, request_index: int | None, expor
     for r in rows:
         t.add_row(str(r["request"]), str(r["prompt_tokens"]), str(r["steps"]), str(r["retiers"]),
                   *(str(r[f"final_{n}_tokens"]) for n in TIER_NAMES), *(f"{r[f'mass_share_{n}']:.4f}" for n in TIER_NAMES))
+    console.print(t)
+
+
+# -- inspect: importance statistics of a trace ---------------------------------------------------
+@cli.command("inspect")
+@click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
+@policy_options
+@click.option("--request", "request_index", type=int, default=None, help="Only this request (0-based); default all.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.png",
+              help="Write the importance heatmap and tier timeline of --request (default 0) as a PNG.")
+@click.option("--export", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.npz",
+              help="Write token_ids_<i>, prefill_<i> and dense float32 increments_<i> (steps x positions) to FILE.npz.")
+@json_option
+def inspect_command(trace: Path, policy: PolicyConfig, request_index: int | None, plot: Path | None,
+                    export: Path | None, json_out: str | None) -> None:
+    """Importance statistics of a trace, and the policy's tiers over time."""
+    from tiersim.policy import replay
+    from tiersim.traces.format import read_trace
+    from tiersim.traces.plots import plot_request
+    from tiersim.traces.stats import export_npz, inspect_trace
+
+    tr = read_trace(trace)
+    report = inspect_trace(tr, policy, request_index)
+    say = (lambda msg: None) if json_out == "-" else console.print  # noqa: E731
+    if plot is not None:
+        i = report["requests"][0]["request"]
+        plot_request(tr[i], replay(tr[i], policy), plot, title=f"{trace.name}, request {i}: attention received")
+        say(f"wrote {plot}")
+    if export is not None:
+        export_npz(tr, export, request_index)
+        say(f"wrote {export}")
+    if emit_json(json_out, report):
+        return
+    t = Table(title=f"{trace.name} ({report['model']}): importance statistics (shares of decode attention mass)"
+                    f" and final tokens per tier")
+    cols = ("request", "prompt", "generated", "top5", "top20", "top50", "gini", "sink", "recency", "persistence",
+            *TIER_NAMES)
+    for col in cols:
+        t.add_column(col, justify="right")
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    stats = ("top5_mass", "top20_mass", "top50_mass", "gini", "sink_mass", "recency_mass", "heavy_persistence")
+    for r in report["requests"]:
+        t.add_row(str(r["request"]), str(r["prompt_tokens"]), str(r["generated_tokens"]), *(fmt(r[k]) for k in stats),
+                  *(str(r["tiers"]["final_tokens"][n]) for n in TIER_NAMES))
+    a = report["aggregate"]
+    t.add_row("mean", str(a["prompt_tokens"]), str(a["generated_tokens"]), *(fmt(a[k]) for k in stats),
+              *("" for _ in TIER_NAMES), style="bold")
+    console.print(t)
+
+
+# -- simulate: the main job --------------------------------------------------------------------
+def simulate_options(f):
+    """The simulator's inputs besides the policy (shared by simulate and later by sweeps)."""
+    from tiersim.sim.engine import STRATEGIES
+
+    opt = functools.partial(click.option, show_default=True)
+    options = [
+        opt("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+            help="Attention trace; default: the embedded SmolLM2-135M capture."),
+        opt("--model-spec", "model_name", default="r1-qwen-14b", metavar="NAME|config.json", help="Model whose KV and compute to model."),
+        opt("--hardware", "hardware_name", default="h200-sxm", metavar="NAME|FILE.toml", help="Hardware profile."),
+        opt("--batch", type=int, default=256, help="Concurrent sequences (closed-loop continuous batching)."),
+        opt("--strategy", type=click.Choice(STRATEGIES), default="prefetch-layer", help="How the DDR tier is used at decode time."),
+        opt("--depth", type=int, default=2, help="prefetch-layer: layers the copy stream runs ahead."),
+        opt("--gen-tokens", type=int, default=4096, help="Generated tokens per request (shorter trace requests are extended)."),
+        opt("--steps", type=int, default=None, help="Decode steps of the batch to simulate [default: --gen-tokens]."),
+        opt("--cold-start", is_flag=True, help="Start every slot at token 0 instead of a random point of its first request."),
+        opt("--pinned/--pageable", default=True, help="Host KV in pinned or pageable memory."),
+        opt("--seed", type=int, default=0, help="Seed for request draws, start points and synthetic extension."),
+        opt("--reserve-frac", type=float, default=0.10, help="Share of HBM kept for context, allocator and activations."),
+        opt("--fixed-compute-ms", type=float, default=None,
+            help="Replace the compute model by a fixed time per decode step (e.g. a measured one)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sim_config(policy: PolicyConfig, **kw):
+    """Resolve names and files into a SimConfig (errors name the bad input)."""
+    from tiersim.sim import SimConfig
+    from tiersim.specs import hardware_spec, model_spec
+
+    return SimConfig(model=model_spec(kw.pop("model_name")), hardware=hardware_spec(kw.pop("hardware_name")),
+                     policy=policy, **kw)
+
+
+@cli.command()
+@simulate_options
+@policy_options
+@json_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for summary.json, steps.csv and PNG plots.")
+def simulate(policy: PolicyConfig, json_out: str | None, out: Path | None, **kw) -> None:
+    """Project HBM saved and decode slowdown at a batch size."""
+    from tiersim.sim import simulate as run_simulation
+
+    cfg = sim_config(policy, **kw)
+    result = run_simulation(cfg)
+    s = result.summary
+    if out is not None:
+        from tiersim.fileio import atomic_path
+        from tiersim.sim.plots import write_plots
+
+        write_json(out / "summary.json", s)
+        with atomic_path(out / "steps.csv") as tmp:
+            result.steps.to_csv(tmp, index=False, float_format="%.6g")
+        write_plots(result, out)
+    if emit_json(json_out, s):
+        return
+    print_simulation(s)
+    if out is not None:
+        console.print(f"wrote {out}/summary.json, steps.csv, memory.png, step_breakdown.png, links.png")
+
+
+def print_simulation(s: dict) -> None:
+    """The simulate table: memory, time, transfer, attention."""
+    c = s["config"]
+    t = Table(title=f"{c['model']['name']} on {c['hardware']['name']} ({c['hardware']['link']}), batch {c['batch']}, "
+                    f"{c['strategy']}, β={c['policy']['hbm_ratio']} r={c['policy']['evict_ratio']}, "
+                    f"{c['gen_tokens']} tokens")
+    t.add_column("quantity")
+    t.add_column("tiered", justify="right")
+    t.add_column("full (no tiering)", justify="right")
+    cap = s["hbm_capacity_gb"]
+    t.add_row("HBM peak (GB)", f"{s['hbm_peak_gb']:.1f} of {cap:g}", f"{s['hbm_peak_gb_full']:.1f} of {cap:g}")
+    t.add_row("fits / largest batch that fits", f"{'yes' if s['fits'] else 'NO'} / {s['max_batch']}",
+              f"{'yes' if s['fits_full'] else 'NO'} / {s['max_batch_full']}")
+    t.add_row("HBM saved (GB)", f"{s['hbm_saved_gb']:.1f}", "")
+    t.add_row("host DDR peak (GB)", f"{s['ddr_peak_gb']:.1f}", "0")
+    t.add_row("step ms mean / p50 / p99", f"{s['step_ms_mean']:.2f} / {s['step_ms_p50']:.2f} / {s['step_ms_p99']:.2f}",
+              f"{s['step_ms_full_mean']:.2f}")
+    t.add_row("  compute / exposed / hidden transfer ms",
+              f"{s['compute_ms_mean']:.2f} / {s['stall_ms_mean']:.2f} / {s['hidden_transfer_ms_mean']:.2f}", "")
+    t.add_row("  analytic lower bound ms", f"{s['bound_step_ms']:.2f}", "")
+    t.add_row("overhead vs full (%)", f"{s['overhead_pct']:.2f}", "")
+    t.add_row("transfer share, paper's definition (%)", f"{s['transfer_overhead_pct_paper']:.2f}", "")
+    t.add_row("throughput (tokens/s)", f"{s['throughput_tok_s']:,.0f}", f"{s['throughput_tok_s_full']:,.0f}")
+    t.add_row("H2D / D2H GB per step", f"{s['h2d_gb_per_step']:.3f} / {s['d2h_gb_per_step']:.4f}", "0 / 0")
+    t.add_row("H2D / D2H link busy (%)", f"{100 * s['link_util_h2d']:.1f} / {100 * s['link_util_d2h']:.1f}", "")
+    t.add_row("DDR tokens per sequence per step", f"{s['ddr_tokens_per_slot_step']:.0f}", "")
+    t.add_row("attention mass on DDR / lost to eviction (%)",
+              f"{100 * s['attention_mass_ddr']:.2f} / {100 * s['attention_mass_evicted']:.3f}", "0 / 0")
+    t.add_row("tokens from trace / synthetic extension", f"{s['tokens_captured']:,} / {s['tokens_synthetic']:,}", "")
+    t.add_row("simulated in", f"{s['sim_wall_s']:.2f} s, {s['sim_events']:,} events", "")
     console.print(t)
 
 

@@ -225,3 +225,43 @@ def write_synth_trace(path: str | os.PathLike, params: SynthParams, n_requests: 
                        generation={"generator": "tiersim.traces.synth", "seed": seed, **lengths},
                        metadata={"synthetic": {**params.to_dict(), "seed": seed, **lengths}},
                        increments_dtype=dtype)
+
+
+class ExtendedRequest:
+    """A request continued with synthetic rows to `gen_tokens` (or cut to it): the captured rows come first.
+
+    Rows 0..S-1 are the request's own; later rows come from the synthetic model over all positions
+    (captured ones included), so a short captured chain can stand for a long one. Rows are made on
+    the fly: nothing of size steps x tokens is held.
+    """
+
+    def __init__(self, request: Request, params: SynthParams, gen_tokens: int, seed: int):
+        if gen_tokens < 2:
+            raise TiersimError(f"gen_tokens must be >= 2 to extend a request, got {gen_tokens}")
+        self.request, self.params, self.seed = request, params, seed
+        self.prompt_tokens = request.prompt_tokens
+        self.generated_tokens = gen_tokens
+        self.prefill = request.prefill
+        self.captured_steps = min(request.steps, gen_tokens - 1)
+
+    @property
+    def steps(self) -> int:
+        """Decode steps: one per generated token fed back."""
+        return self.generated_tokens - 1
+
+    @property
+    def synthetic_steps(self) -> int:
+        """Steps that come from the synthetic model."""
+        return self.steps - self.captured_steps
+
+    def rows(self) -> Iterator[np.ndarray]:
+        """Captured rows, then synthetic ones; row t has length prompt_tokens + t + 1."""
+        yield from self.request.rows(0, self.captured_steps)
+        if self.synthetic_steps == 0:
+            return
+        positions = self.prompt_tokens + self.steps
+        model = _RowModel(self.params, self.prompt_tokens, positions, np.random.default_rng(self.seed))
+        scratch = np.empty(positions, np.float32)
+        for t in range(self.captured_steps, self.steps):
+            model.fill(self.prompt_tokens + t, scratch)
+            yield scratch[: self.prompt_tokens + t + 1]
