@@ -212,10 +212,26 @@ def max_batch(memory: Memory, batch: int, capacity_bytes: float) -> int:
 
 def _resolve_trace(cfg: SimConfig) -> Trace:
     if cfg.trace is not None:
-        return read_trace(cfg.trace)
-    from tiersim.traces.default import default_trace_path
+        trace = read_trace(cfg.trace)
+    else:
+        from tiersim.traces.default import default_trace_path
 
-    return read_trace(default_trace_path())
+        trace = read_trace(default_trace_path())
+    check_trace_model(trace)
+    return trace
+
+
+def check_trace_model(trace: Trace) -> None:
+    """The trace must say which model its attention came from, with a readable shape."""
+    model = trace.model
+    shape = model.get("shape") if isinstance(model, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("id"), str) or not isinstance(shape, dict):
+        raise TiersimError(f"{trace.path}: the trace header's model is unreadable (need an id and a shape mapping), "
+                           f"got {model!r:.120}")
+    bad = [k for k, v in shape.items() if not (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+           and k in ("layers", "heads", "attention_heads", "kv_heads", "head_dim", "hidden", "vocab")]
+    if bad:
+        raise TiersimError(f"{trace.path}: the trace header's model shape has unreadable {', '.join(bad)}: {shape!r:.120}")
 
 
 def continuation_params(trace: Trace) -> SynthParams:
@@ -235,7 +251,10 @@ def simulate(cfg: SimConfig, trace: Trace | None = None, workers: int | None = N
     `workers` processes replay the policy over the trace requests (default: one per core).
     """
     wall = time.perf_counter()
-    trace = trace if trace is not None else _resolve_trace(cfg)
+    if trace is None:
+        trace = _resolve_trace(cfg)
+    else:
+        check_trace_model(trace)
     w = build_workload(trace, cfg.policy, cfg.gen_tokens, cfg.batch, cfg.decode_steps, cfg.seed, cfg.cold_start,
                        continuation_params(trace), workers)
     cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms)
