@@ -182,7 +182,8 @@ class TieringPolicy:
                 f"step {self.steps_done}: increments must have length {length} (prompt {self.prompt_tokens} "
                 f"+ {self.steps_done + 1} generated), got shape {increments.shape}"
             )
-        if not np.all(np.isfinite(increments)) or increments.min() < 0:
+        # Two passes catch everything: min is NaN if any value is, the sum is inf if any value is.
+        if not increments.min() >= 0 or not np.isfinite(increments.sum()):
             raise PolicyError(f"step {self.steps_done}: increments must be finite and non-negative")
         self._grow(length)
         self._tiers[length - 1] = HBM
@@ -339,6 +340,15 @@ class TierSchedule:
         total = self.mass.sum()
         return self.mass.sum(axis=0) / total if total > 0 else np.zeros(4)
 
+    @classmethod
+    def from_arrays(cls, config: PolicyConfig, prompt_tokens: int, generated_tokens: int,
+                    arrays: dict[str, np.ndarray]) -> TierSchedule:
+        """Rebuild a schedule from `to_arrays()` output (refuses missing or extra arrays)."""
+        names = [n for n in cls.__dataclass_fields__ if n not in ("config", "prompt_tokens", "generated_tokens")]
+        if sorted(arrays) != sorted(names):
+            raise PolicyError(f"schedule arrays {sorted(arrays)} do not match the expected {sorted(names)}")
+        return cls(config=config, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, **arrays)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Every array of the schedule by field name (for .npz export)."""
         scalars = ("config", "prompt_tokens", "generated_tokens")
@@ -384,6 +394,9 @@ def replay(request: TraceRequest, config: PolicyConfig) -> TierSchedule:
     mass = np.zeros((steps, 4), dtype=np.float64)
     protected = np.zeros(steps, dtype=np.int64)
     live = np.array([policy.prompt_tokens, 0, 0, 0], dtype=np.int64)
+    # One-hot tier per position: a step's mass per tier is one matrix-vector product with its row.
+    onehot = np.zeros((policy.prompt_tokens + steps + 1, 4), dtype=np.float32)
+    onehot[:, HBM] = 1.0
     retier_steps: list[int] = []
     offsets = [0]
     pos: list[np.ndarray] = []
@@ -396,8 +409,10 @@ def replay(request: TraceRequest, config: PolicyConfig) -> TierSchedule:
         live[HBM] += 1
         counts[t] = live
         protected[t] = protected_tokens(config, policy.prompt_tokens, policy.length)
-        mass[t] = _mass_by_tier(policy.tiers, changes, row)
+        mass[t] = np.asarray(row, dtype=np.float32) @ onehot[: policy.length]  # tiers before this step's re-tier
         if changes.retiered:
+            onehot[changes.positions] = 0.0
+            onehot[changes.positions, changes.to_tier] = 1.0
             np.add.at(live, changes.from_tier, -1)
             np.add.at(live, changes.to_tier, 1)
             retier_steps.append(t)
@@ -420,12 +435,3 @@ def replay(request: TraceRequest, config: PolicyConfig) -> TierSchedule:
         protected=protected,
         final_counts=live.copy(),
     )
-
-
-def _mass_by_tier(tiers_now: np.ndarray, changes: TierChanges, row: np.ndarray) -> np.ndarray:
-    """Attention mass of one step per tier, with the tiers that held during the step (before its re-tier)."""
-    tiers = tiers_now
-    if changes.retiered and len(changes):
-        tiers = tiers.copy()
-        tiers[changes.positions] = changes.from_tier
-    return np.bincount(tiers, weights=row, minlength=4)[:4]

@@ -18,6 +18,7 @@ import numpy as np
 
 from tiersim.errors import TiersimError
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, PolicyConfig, TierSchedule, replay
+from tiersim.sim import cache
 from tiersim.traces.format import Trace
 from tiersim.traces.synth import ExtendedRequest, SynthParams
 
@@ -113,14 +114,24 @@ def _replay_table(args: tuple[ExtendedRequest, PolicyConfig]) -> tuple[TierSched
     return schedule, request_table(schedule)
 
 
-def replay_all(requests: list[ExtendedRequest], policy: PolicyConfig, workers: int | None = None):
-    """Schedules and tables of every request; in `workers` forked processes when there are several."""
-    workers = min(len(requests), os.cpu_count() or 1) if workers is None else max(1, workers)
-    jobs = [(r, policy) for r in requests]
-    if workers == 1 or len(requests) == 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_replay_table(j) for j in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_replay_table, jobs))
+def replay_all(requests: list[ExtendedRequest], policy: PolicyConfig, workers: int | None = None,
+               keys: list[str] | None = None):
+    """Schedules and tables of every request: from the cache where `keys` hit, else replayed in
+    `workers` forked processes (one per core by default) and stored."""
+    done = [cache.load(k, policy) for k in keys] if keys else [None] * len(requests)
+    todo = [i for i, d in enumerate(done) if d is None]
+    workers = min(len(todo), os.cpu_count() or 1) if workers is None else max(1, workers)
+    jobs = [(requests[i], policy) for i in todo]
+    if workers <= 1 or len(jobs) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        fresh = [_replay_table(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            fresh = list(pool.map(_replay_table, jobs))
+    for i, result in zip(todo, fresh):
+        done[i] = result
+        if keys:
+            cache.store(keys[i], *result)
+    return done
 
 
 def build_workload(trace: Trace, policy: PolicyConfig, gen_tokens: int, batch: int, steps: int, seed: int,
@@ -131,7 +142,8 @@ def build_workload(trace: Trace, policy: PolicyConfig, gen_tokens: int, batch: i
     if steps < 1:
         raise TiersimError(f"steps must be >= 1, got {steps}")
     requests = extend_requests(trace, gen_tokens, params, seed)
-    done = replay_all(requests, policy, workers)
+    keys = [cache.entry_key(trace, i, policy, gen_tokens, seed, params) for i in range(len(requests))]
+    done = replay_all(requests, policy, workers, keys)
     schedules = tuple(s for s, _ in done)
     tables = np.stack([t for _, t in done])
     rows_per_request = tables.shape[1]

@@ -89,8 +89,8 @@ def test_hand_computed_two_retiers():
     assert s.counts.tolist() == [[3, 0, 0, 0], [4, 0, 0, 0], [5, 0, 0, 0], [6, 0, 0, 0], [6, 1, 0, 0], [7, 1, 0, 0]]
     assert s.final_counts.tolist() == [5, 2, 0, 1]
     # Step 4 and 5 see position 3 in DDR: 0.3 and 0.2 of their attention.
-    np.testing.assert_allclose(s.mass[:, DDR], [0, 0, 0, 0, 0.3, 0.2])
-    np.testing.assert_allclose(s.mass.sum(axis=1), 1.0)
+    np.testing.assert_allclose(s.mass[:, DDR], [0, 0, 0, 0, 0.3, 0.2], atol=1e-7)
+    np.testing.assert_allclose(s.mass.sum(axis=1), 1.0, rtol=1e-6)
     sets = s.index_sets(1)
     assert sets["hbm"].tolist() == [0, 1, 2, 3, 7] and sets["ddr"].tolist() == [4, 5] and sets["evicted"].tolist() == [6]
     assert s.index_sets(0)["ddr"].tolist() == [3]
@@ -165,7 +165,7 @@ def test_invariants_online_and_offline(cfg, seed, prompt, steps):
         # The offline schedule agrees with the online state step for step.
         seen = before.tolist() + [HBM]
         assert schedule.counts[t].tolist() == np.bincount(seen, minlength=4).tolist()
-        np.testing.assert_allclose(schedule.mass[t], np.bincount(seen, weights=row, minlength=4), atol=1e-12)
+        np.testing.assert_allclose(schedule.mass[t], np.bincount(seen, weights=row, minlength=4), atol=1e-6)
         # Protected tokens never leave HBM.
         assert np.all(tiers[: min(length, prompt + cfg.sinks)] == HBM)
         assert np.all(tiers[max(0, length - cfg.window):] == HBM)

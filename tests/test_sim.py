@@ -273,3 +273,24 @@ def test_bound_is_below_every_strategy(trace_path):
         cfg = config(trace_path, strategy=strategy)
         r = simulate(cfg, workers=1)
         assert r.timeline.step_s.mean() >= bound_s(plan_of(cfg, r)).mean() * (1 - 1e-9), strategy
+
+
+def test_schedule_cache_hits_give_identical_results_and_bad_entries_are_recomputed(trace_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIERSIM_CACHE_DIR", str(tmp_path / "cache"))
+    cold = simulate(config(trace_path), workers=1)
+    entries = sorted((tmp_path / "cache" / "schedules").glob("*.npz"))
+    assert len(entries) == 3  # one per trace request
+    warm = simulate(config(trace_path), workers=1)
+    for a, b in zip(cold.workload.schedules, warm.workload.schedules):
+        for name, value in a.to_arrays().items():
+            np.testing.assert_array_equal(value, b.to_arrays()[name])
+    entries[0].write_bytes(b"not an npz")
+    again = simulate(config(trace_path), workers=1)
+    np.testing.assert_array_equal(again.workload.totals, cold.workload.totals)
+    assert entries[0].read_bytes()[:2] == b"PK"  # rewritten
+    # Another policy is another entry, not a stale hit.
+    simulate(config(trace_path, policy=PolicyConfig(hbm_ratio=0.7)), workers=1)
+    assert len(list((tmp_path / "cache" / "schedules").glob("*.npz"))) == 6
+    monkeypatch.setenv("TIERSIM_CACHE", "0")
+    off = simulate(config(trace_path, policy=PolicyConfig(hbm_ratio=0.3)), workers=1)
+    assert len(list((tmp_path / "cache" / "schedules").glob("*.npz"))) == 6 and off.summary["fits"]

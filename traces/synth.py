@@ -95,6 +95,11 @@ class _RowModel:
         p, self.params, self.rng, self.prompt_tokens, self.positions = params, params, rng, prompt_tokens, positions
         f32 = np.float32
         self.base = rng.gamma(p.background_concentration, size=positions).astype(f32)
+        # Background = base x (jitter x Exp(1) noise + 1 - jitter). The noise of a row is a random window
+        # of one pool drawn per request: one slice instead of a fresh draw per row (rows are the hot loop).
+        self.base_jitter = self.base * f32(p.background_jitter)
+        self.base_still = self.base * f32(1.0 - p.background_jitter)
+        self.noise_pool = rng.standard_exponential(2 * positions + 1, dtype=f32)
         d = np.arange(positions, dtype=np.float64)
         recency = (1.0 + d / p.recency_scale_tokens) ** -p.recency_exponent
         self.recency_cum = np.cumsum(recency)
@@ -125,10 +130,9 @@ class _RowModel:
                     np.float32(p.recency_mass / self.recency_cum[q]), out=seg)
         if p.background_mass > 0:
             noise = self.noise[:length]
-            rng.standard_exponential(length, dtype=np.float32, out=noise)
-            noise *= np.float32(p.background_jitter)
-            noise += np.float32(1.0 - p.background_jitter)
-            noise *= self.base[:length]
+            start = int(rng.integers(self.positions + 1))
+            np.multiply(self.noise_pool[start: start + length], self.base_jitter[:length], out=noise)
+            noise += self.base_still[:length]
             total = float(noise.sum())
             if total > 0:
                 noise *= np.float32(p.background_mass / total)

@@ -1,0 +1,76 @@
+"""On-disk reuse of TierSchedules: the policy over a trace request does not depend on hardware or batch.
+
+A sweep over GPUs, batch sizes and strategies replays the same (request, policy, length, seed)
+again and again; replay is O(steps x tokens), the rest of a simulation O(steps x layers). Entries
+are keyed by the request's own checksums in the trace header, every policy knob, the generated
+length, the seed, the synthetic-extension parameters and the tiersim version, so a changed input
+never hits a stale entry. Set TIERSIM_CACHE_DIR to move the cache, TIERSIM_CACHE=0 to turn it off.
+An unreadable entry is recomputed and rewritten, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import tiersim
+from tiersim.fileio import write_npz
+from tiersim.policy import PolicyConfig, TierSchedule
+from tiersim.traces.format import Trace
+from tiersim.traces.synth import SynthParams
+
+
+def cache_dir() -> Path | None:
+    """Where entries live, or None when caching is off."""
+    if os.environ.get("TIERSIM_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("TIERSIM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiersim"
+    return Path(root) / "schedules"
+
+
+def entry_key(trace: Trace, index: int, policy: PolicyConfig, gen_tokens: int, seed: int, params: SynthParams) -> str:
+    """A digest of everything the schedule of request `index` depends on."""
+    ident = {
+        "version": tiersim.__version__,
+        "request": trace.header["requests"][index],
+        "model": trace.model.get("id"),
+        "policy": policy.to_dict(),
+        "gen_tokens": gen_tokens,
+        "seed": seed,
+        "synth": params.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def load(key: str, policy: PolicyConfig) -> tuple[TierSchedule, np.ndarray] | None:
+    """The cached schedule and table, or None when absent or unreadable."""
+    root = cache_dir()
+    path = root / f"{key}.npz" if root else None
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        table = arrays.pop("table")
+        prompt, generated = (int(v) for v in arrays.pop("lengths"))
+        return TierSchedule.from_arrays(policy, prompt, generated, arrays), table
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+
+
+def store(key: str, schedule: TierSchedule, table: np.ndarray) -> None:
+    """Write an entry atomically; a full disk or read-only home only costs the reuse."""
+    root = cache_dir()
+    if root is None:
+        return
+    arrays = {**schedule.to_arrays(), "table": table,
+              "lengths": np.array([schedule.prompt_tokens, schedule.generated_tokens])}
+    try:
+        write_npz(root / f"{key}.npz", arrays)
+    except OSError:
+        pass
