@@ -4,19 +4,26 @@
 - batch 1024 costs at most 1.5x batch 256 (per-step totals are vectorised over slots);
 - doubling --gen-tokens costs at most 2.2x.
 
+Each case runs cold (an empty schedule cache: the policy is replayed over every trace request,
+O(steps x tokens)) and warm (schedules reused from the cache, as in a sweep over hardware,
+batch or strategy: what remains is the SimPy model, O(steps x layers)).
+
     python benchmarks/simulate_speed.py [--trace FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 from tiersim.sim import SimConfig, simulate
 from tiersim.specs import hardware_spec, model_spec
 
 
-def run(trace, **kw) -> tuple[float, int]:
+def run(trace, cache: str, **kw) -> tuple[float, int]:
+    os.environ["TIERSIM_CACHE_DIR"] = cache
     cfg = SimConfig(model=model_spec("r1-qwen-14b"), hardware=hardware_spec("h200-sxm"), trace=trace, **kw)
     start = time.perf_counter()
     s = simulate(cfg).summary
@@ -27,19 +34,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=None, help="trace file (default: the embedded one)")
     trace = ap.parse_args().trace
-    rows = {
-        "default (batch 256, 4096 tokens)": run(trace, batch=256, gen_tokens=4096),
-        "batch 1024": run(trace, batch=1024, gen_tokens=4096),
-        "8192 tokens": run(trace, batch=256, gen_tokens=8192),
-        "full strategy only": run(trace, batch=256, gen_tokens=4096, strategy="full"),
-    }
-    print(f"{'case':<34} {'wall s':>7} {'events':>10} {'events/s':>10}")
-    for name, (sec, events) in rows.items():
-        print(f"{name:<34} {sec:>7.2f} {events:>10,} {events / sec:>10,.0f}")
-    base = rows["default (batch 256, 4096 tokens)"][0]
-    print(f"default run: {base:.2f} s (target < 10 s)")
-    print(f"batch 1024 / batch 256: {rows['batch 1024'][0] / base:.2f}x (target <= 1.5x)")
-    print(f"8192 / 4096 tokens: {rows['8192 tokens'][0] / base:.2f}x (target <= 2.2x)")
+    cases = {"default (batch 256, 4096 tokens)": dict(batch=256, gen_tokens=4096),
+             "batch 1024": dict(batch=1024, gen_tokens=4096),
+             "8192 tokens": dict(batch=256, gen_tokens=8192)}
+    rows = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name, kw in cases.items():
+            with tempfile.TemporaryDirectory() as empty:
+                cold = run(trace, empty, **kw)
+            run(trace, cache, **kw)  # fill the shared cache
+            rows[name] = (cold, run(trace, cache, **kw))
+    print(f"{'case':<34} {'cold s':>7} {'warm s':>7} {'events':>10} {'events/s warm':>14}")
+    for name, ((cold_s, events), (warm_s, _)) in rows.items():
+        print(f"{name:<34} {cold_s:>7.2f} {warm_s:>7.2f} {events:>10,} {events / warm_s:>14,.0f}")
+    base = rows["default (batch 256, 4096 tokens)"]
+    print(f"default run: {base[0][0]:.2f} s cold, {base[1][0]:.2f} s warm (target < 10 s)")
+    for name, target in (("batch 1024", 1.5), ("8192 tokens", 2.2)):
+        cold, warm = rows[name][0][0] / base[0][0], rows[name][1][0] / base[1][0]
+        print(f"{name} / default: {cold:.2f}x cold, {warm:.2f}x warm (target <= {target}x)")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class StepPlan:
     qkv_share: float  # share of matmul_s before attention (cpu-attention splits the layer there)
     h2d_layer_s: np.ndarray  # prefetch-layer: one layer's staged copy; prefetch-sync: all layers' copy
     h2d_layer_duplex_s: np.ndarray
-    h2d_bulk_s: np.ndarray  # cpu-attention: promotions copied back at the start of the step
+    h2d_bulk_s: np.ndarray  # cpu-attention: promotions decided at the end of the step, copied back
     h2d_bulk_duplex_s: np.ndarray
     d2h_bulk_s: np.ndarray  # demotions decided at the end of the step
     d2h_bulk_duplex_s: np.ndarray

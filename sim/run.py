@@ -142,7 +142,8 @@ def make_plan(strategy: str, w: Workload, cost: CostModel, cfg: SimConfig) -> tu
     else:
         h2d = h2d_dup = zeros
     if strategy == "cpu-attention":
-        bulk = promoted_tokens * m.kv_bytes_per_token
+        # Promotions decided at the end of step k are copied in right away, beside the next step's work.
+        bulk = (c("ddr_to_hbm") + cf * c("ddr_to_compressed")) * m.kv_bytes_per_token
         bulk_s, bulk_dup = cost.fetch_s(bulk), cost.fetch_s(bulk, duplex=True)
         with_host = c("ddr") > 0
         query_bytes = np.where(with_host, c("decode") * m.attention_heads * m.head_dim * m.dtype_bytes, 0.0)
