@@ -5,7 +5,8 @@ again and again; replay is O(steps x tokens), the rest of a simulation O(steps x
 are keyed by the request's own checksums in the trace header, every policy knob, the generated
 length, the seed, the synthetic-extension parameters and the tiersim version, so a changed input
 never hits a stale entry. Set TIERSIM_CACHE_DIR to move the cache, TIERSIM_CACHE=0 to turn it off.
-An unreadable entry is recomputed and rewritten, never trusted.
+An unreadable entry is recomputed and rewritten, never trusted. Fits of the synthetic generator to
+a trace (used to extend its requests) are kept the same way, keyed by the trace's content.
 """
 
 from __future__ import annotations
@@ -19,18 +20,46 @@ from pathlib import Path
 import numpy as np
 
 import tiersim
-from tiersim.fileio import write_npz
+from tiersim.fileio import write_json, write_npz
 from tiersim.policy import PolicyConfig, TierSchedule
 from tiersim.traces.format import Trace
 from tiersim.traces.synth import SynthParams
 
 
-def cache_dir() -> Path | None:
-    """Where entries live, or None when caching is off."""
+def cache_dir(kind: str = "schedules") -> Path | None:
+    """Where entries of one kind live, or None when caching is off."""
     if os.environ.get("TIERSIM_CACHE", "1") == "0":
         return None
     root = os.environ.get("TIERSIM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiersim"
-    return Path(root) / "schedules"
+    return Path(root) / kind
+
+
+def trace_key(trace: Trace) -> str:
+    """A digest of a trace's content: its requests' checksums and its model, as the header records them."""
+    ident = {"model": trace.model.get("id"), "requests": trace.header["requests"]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def load_fit(key: str) -> SynthParams | None:
+    """Synthetic-generator parameters fitted to a trace earlier, or None."""
+    root = cache_dir("fits")
+    path = root / f"{key}.json" if root else None
+    if path is None or not path.exists():
+        return None
+    try:
+        return SynthParams(**json.loads(path.read_text())["params"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_fit(key: str, params: SynthParams, report: dict) -> None:
+    """Keep a fit (and its report) for the next simulation of the same trace."""
+    root = cache_dir("fits")
+    if root is not None:
+        try:
+            write_json(root / f"{key}.json", {"params": params.to_dict(), "report": report})
+        except OSError:
+            pass
 
 
 def entry_key(trace: Trace, index: int, policy: PolicyConfig, gen_tokens: int, seed: int, params: SynthParams) -> str:

@@ -3,11 +3,12 @@
 Every number comes from the HardwareSpec (a profile with a source per value) and the ModelSpec.
 A kernel's time is its roofline, max(bytes / effective HBM bandwidth, FLOPs / effective FLOP rate),
 taken per kernel group (the layer's matmuls, then its attention) plus a per-layer launch cost.
-A copy costs a per-copy latency plus bytes / link bandwidth; DDR-tier tokens are scattered in
-host memory and are first gathered into a contiguous buffer (a host memcpy: read + write at DDR
-bandwidth). With pinned memory the gather runs chunk by chunk ahead of the DMA, so a copy costs
-the slower of the two; with pageable memory (the paper's prototype: gather into a new tensor,
-then `.to(device)`) it comes first. Functions are vectorised over decode steps.
+A copy costs a per-copy latency plus bytes / link bandwidth. DDR-tier tokens lie scattered in host
+memory: from pinned memory the GPU gathers them itself over the link (zero-copy reads of mapped
+host memory, so the link is the only limit: the bound max(0, X/B - T) of DESIGN.md §1); from
+pageable memory they are first gathered on the host into a new buffer (a memcpy: read + write at
+DDR bandwidth), then copied, one after the other: the paper's prototype (index, then `.to(device)`).
+Functions are vectorised over decode steps.
 """
 
 from __future__ import annotations
@@ -88,12 +89,9 @@ class CostModel:
         return 2.0 * np.asarray(nbytes, dtype=np.float64) / (self.hw.ddr_gbps * GB)
 
     def fetch_s(self, nbytes: np.ndarray | float, copies: int = 1, duplex: bool = False) -> np.ndarray:
-        """Bring scattered DDR-tier KV to the GPU: host gather, then (pageable) or overlapped with (pinned) the copy."""
-        gather, copy = self.gather_s(nbytes), self.h2d_s(nbytes, copies, duplex)
-        if self.pinned:
-            latency = np.where(copy > 0, copies * self.hw.copy_latency_us * 1e-6, 0.0)
-            return latency + np.maximum(copy - latency, gather)
-        return gather + copy
+        """Bring scattered DDR-tier KV to the GPU: over the link alone (pinned), or host gather then copy (pageable)."""
+        copy = self.h2d_s(nbytes, copies, duplex)
+        return copy if self.pinned else self.gather_s(nbytes) + copy
 
     def host_attention_s(self, kv_bytes: np.ndarray) -> np.ndarray:
         """Partial attention on the host over DDR-tier KV: bound by reading it at DDR bandwidth."""

@@ -7,6 +7,7 @@ and DDR per step, and compare against the `full` strategy on the same hardware a
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import pandas as pd
 
 from tiersim.errors import TiersimError
 from tiersim.policy import PolicyConfig
-from tiersim.sim import engine
+from tiersim.sim import cache, engine
 from tiersim.sim.costs import GB, CostModel
 from tiersim.sim.engine import STRATEGIES, StepPlan, Timeline
 from tiersim.sim.workload import Workload, build_workload
@@ -236,14 +237,30 @@ def check_trace_model(trace: Trace) -> None:
 
 
 def continuation_params(trace: Trace) -> SynthParams:
-    """Synthetic-generator parameters for extending this trace's requests."""
-    synthetic = trace.metadata.get("synthetic") if isinstance(trace.metadata, dict) else None
-    if synthetic:
-        names = SynthParams.__dataclass_fields__
-        return SynthParams(**{k: v for k, v in synthetic.items() if k in names})
-    from tiersim.traces.fit import fitted_params
+    """Synthetic-generator parameters for extending this trace's requests.
 
-    return fitted_params(trace)
+    A synthetic trace carries its own; a captured one is fitted once (tiersim.traces.fit) and the
+    fit kept: beside the trace as TRACE.fit.json when shipped that way (the embedded default),
+    else in the cache.
+    """
+    synthetic = trace.metadata.get("synthetic") if isinstance(trace.metadata, dict) else None
+    names = SynthParams.__dataclass_fields__
+    if synthetic:
+        return SynthParams(**{k: v for k, v in synthetic.items() if k in names})
+    beside = trace.path.with_name(trace.path.stem + ".fit.json")
+    key = cache.trace_key(trace)
+    if beside.exists():
+        shipped = json.loads(beside.read_text())
+        if shipped.get("trace_key") == key:
+            return SynthParams(**{k: v for k, v in shipped["params"].items() if k in names})
+    params = cache.load_fit(key)
+    if params is None:
+        from tiersim.traces.fit import fit_synth_params
+
+        report = fit_synth_params(trace)
+        params = report.params
+        cache.store_fit(key, params, report.to_dict())
+    return params
 
 
 def simulate(cfg: SimConfig, trace: Trace | None = None, workers: int | None = None) -> SimResult:
