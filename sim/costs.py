@@ -30,6 +30,12 @@ class CostModel:
     hw: HardwareSpec
     pinned: bool = True
     fixed_compute_ms: float | None = None  # replaces the roofline: total compute per decode step
+    weight_bits: int | None = None  # weights quantized to this many bits (int8/int4); None: the model's dtype
+
+    @property
+    def weight_bytes_per_param(self) -> float:
+        """Bytes per weight as stored (the KV keeps the model's dtype)."""
+        return self.model.dtype_bytes if self.weight_bits is None else self.weight_bits / 8
 
     @property
     def hbm_bytes_per_s(self) -> float:
@@ -48,7 +54,7 @@ class CostModel:
 
     def matmul_s(self, tokens: np.ndarray) -> np.ndarray:
         """One layer's projections and MLP for `tokens` new tokens: weights read once, 2 FLOPs per weight per token."""
-        weights = self.model.layer_weight_bytes
+        weights = self.model.layer_params * self.weight_bytes_per_param
         flops = 2.0 * self.model.layer_params * np.asarray(tokens, dtype=np.float64)
         return np.maximum(weights / self.hbm_bytes_per_s, flops / self.flops_per_s)
 
@@ -67,7 +73,7 @@ class CostModel:
     def head_s(self, tokens: np.ndarray) -> np.ndarray:
         """The final norm and lm_head over the new tokens."""
         m = self.model
-        weights = m.vocab * m.hidden * m.dtype_bytes
+        weights = m.vocab * m.hidden * self.weight_bytes_per_param
         flops = 2.0 * m.vocab * m.hidden * np.asarray(tokens, dtype=np.float64)
         return np.maximum(weights / self.hbm_bytes_per_s, flops / self.flops_per_s) + self.launch_s
 

@@ -48,6 +48,7 @@ class SimConfig:
     seed: int = 0
     reserve_frac: float = DEFAULT_RESERVE_FRAC
     fixed_compute_ms: float | None = None  # replace the compute roofline by a fixed time per decode step
+    weight_bits: int | None = None  # weights stored at 8 or 4 bits (KV stays at the model's dtype); None: model dtype
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -62,6 +63,13 @@ class SimConfig:
             raise TiersimError(f"reserve_frac must lie in [0, 1), got {self.reserve_frac!r}")
         if self.fixed_compute_ms is not None and not self.fixed_compute_ms > 0:
             raise TiersimError(f"fixed_compute_ms must be > 0, got {self.fixed_compute_ms!r}")
+        if self.weight_bits not in (None, 4, 8, 16, 32):
+            raise TiersimError(f"weight_bits must be 4, 8, 16 or 32 (or unset), got {self.weight_bits!r}")
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of the model's weights as stored."""
+        return self.model.weight_bytes if self.weight_bits is None else self.model.weight_bytes_at(self.weight_bits)
 
     @property
     def decode_steps(self) -> int:
@@ -76,6 +84,7 @@ class SimConfig:
             "batch": self.batch, "gen_tokens": self.gen_tokens, "steps": self.decode_steps,
             "cold_start": self.cold_start, "pinned": self.pinned, "seed": self.seed,
             "reserve_frac": self.reserve_frac, "fixed_compute_ms": self.fixed_compute_ms,
+            "weight_bits": self.weight_bits,
         }
 
 
@@ -166,7 +175,7 @@ def account_memory(strategy: str, w: Workload, cfg: SimConfig, tl: Timeline, lay
                    demoted_bytes: np.ndarray) -> Memory:
     """HBM and DDR occupancy per step: weights, reserve, resident KV, staging buffers, demotions in flight."""
     m, c = cfg.model, w.column
-    fixed = m.weight_bytes + cfg.reserve_frac * cfg.hardware.hbm_gb * GB
+    fixed = cfg.weight_bytes + cfg.reserve_frac * cfg.hardware.hbm_gb * GB
     kvt = m.kv_bytes_per_token
     zeros = np.zeros(len(w.totals))
     if strategy == "full":
@@ -275,7 +284,7 @@ def simulate(cfg: SimConfig, trace: Trace | None = None, workers: int | None = N
         check_trace_model(trace)
     w = build_workload(trace, cfg.policy, cfg.gen_tokens, cfg.batch, cfg.decode_steps, cfg.seed, cfg.cold_start,
                        continuation_params(trace), workers)
-    cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms)
+    cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms, cfg.weight_bits)
     plan, layer_bytes, demoted = make_plan(cfg.strategy, w, cost, cfg)
     tl = engine.run(plan)
     mem = account_memory(cfg.strategy, w, cfg, tl, layer_bytes, demoted)
@@ -331,6 +340,8 @@ def summarize(cfg: SimConfig, w: Workload, plan: StepPlan, tl: Timeline, mem: Me
     transfer_s = float((tl.h2d_busy_s + tl.d2h_busy_s).sum())
     compute_s = float(tl.compute_s.sum())
     mass = {t: float(c(f"mass_{t}").sum()) for t in ("hbm", "ddr", "compressed", "evicted")}
+    if cfg.strategy == "full":  # no tiering: every token stays in HBM at full precision
+        mass = {"hbm": sum(mass.values()), "ddr": 0.0, "compressed": 0.0, "evicted": 0.0}
     mass_total = sum(mass.values()) or 1.0
     lost = mass["evicted"] + (mass["ddr"] if cfg.strategy == "evict-only" else 0.0)
     tokens_out = float((c("decode") + c("prefill")).sum())
@@ -341,7 +352,7 @@ def summarize(cfg: SimConfig, w: Workload, plan: StepPlan, tl: Timeline, mem: Me
         "hbm_saved_gb": (peak_full - peak) / GB,
         "ddr_peak_gb": float(mem.ddr_bytes.max()) / GB,
         "hbm_capacity_gb": cfg.hardware.hbm_gb,
-        "weights_gb": cfg.model.weight_bytes / GB,
+        "weights_gb": cfg.weight_bytes / GB,
         "reserve_gb": cfg.reserve_frac * capacity / GB,
         "fits": peak <= capacity,
         "fits_full": peak_full <= capacity,
@@ -363,7 +374,7 @@ def summarize(cfg: SimConfig, w: Workload, plan: StepPlan, tl: Timeline, mem: Me
         "d2h_gb_per_step": float(steps["d2h_bytes"].mean()) / GB,
         "link_util_h2d": float(tl.h2d_busy_s.sum()) / total_s if total_s else 0.0,
         "link_util_d2h": float(tl.d2h_busy_s.sum()) / total_s if total_s else 0.0,
-        "evicted_frac": float(c("evicted").sum() / c("tokens").sum()),
+        "evicted_frac": 0.0 if cfg.strategy == "full" else float(c("evicted").sum() / c("tokens").sum()),
         "attention_mass_evicted": lost / mass_total,
         "attention_mass_ddr": mass["ddr"] / mass_total,
         "attention_mass_compressed": mass["compressed"] / mass_total,

@@ -46,7 +46,7 @@ def no_duplex(name: str):
 
 
 def plan_of(cfg: SimConfig, result):
-    cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms)
+    cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms, cfg.weight_bits)
     return make_plan(cfg.strategy, result.workload, cost, cfg)[0]
 
 
@@ -294,3 +294,14 @@ def test_schedule_cache_hits_give_identical_results_and_bad_entries_are_recomput
     monkeypatch.setenv("TIERSIM_CACHE", "0")
     off = simulate(config(trace_path, policy=PolicyConfig(hbm_ratio=0.3)), workers=1)
     assert len(list((tmp_path / "cache" / "schedules").glob("*.npz"))) == 6 and off.summary["fits"]
+
+
+def test_int4_weights_shrink_weights_and_memory_bound_layers(trace_path):
+    fp16 = simulate(config(trace_path, strategy="full", batch=4), workers=1).summary
+    int4 = simulate(config(trace_path, strategy="full", batch=4, weight_bits=4), workers=1).summary
+    m = model_spec("r1-qwen-7b")
+    assert fp16["weights_gb"] == pytest.approx(m.weight_bytes / 1e9)
+    assert int4["weights_gb"] == pytest.approx(m.params * 0.5 / 1e9)
+    # At batch 4 the matmuls are bound by reading weights: a quarter of the bytes, about a quarter of the time.
+    assert 0.2 < int4["compute_ms_mean"] / fp16["compute_ms_mean"] < 0.45
+    assert fp16["attention_mass_evicted"] == 0 and fp16["attention_mass_ddr"] == 0 and fp16["evicted_frac"] == 0
