@@ -1,0 +1,144 @@
+"""All GPU work in one entry: calibrate, the validate suite, the TieredCache exactness check, under one folder.
+
+    python -m tiersim.hw.gpu_suite --out DIR [--device cuda|cpu] [--quick]
+
+Writes DIR/profile.toml (+ profile.raw.json), DIR/validate_suite.json, DIR/exactness.json,
+DIR/summary.json and DIR/README.md (the error table). Sized to finish in under 8 minutes on an H200:
+the suite stops starting configurations when its share of the budget is spent (and lists them as
+skipped). `--device cpu --quick` runs the same steps, shortened, on this machine (CI runs it); its
+results are CPU measurements, never GPU ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tiersim.errors import TiersimError
+
+BUDGET_S = 8 * 60
+
+
+def exactness(device: str, quick: bool) -> dict:
+    """hw.TieredCache on the device with a tiny random Llama: with r = 0 the logits of every step are
+    bit-identical to transformers' default cache for every β; with r > 0 bit-identical across β."""
+    try:
+        from tiersim.hw import tiered_cache
+    except ImportError as e:  # the module is not there (yet)
+        return {"ran": False, "reason": f"tiersim.hw.tiered_cache not importable: {e}"}
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiersim.policy import PolicyConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).to(device).eval()
+    prompt = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    new = 40 if quick else 96
+
+    def run(policy: PolicyConfig | None):
+        logits = []
+        cache = None if policy is None else tiered_cache.TieredCache.for_model(model, policy)
+        tiered_cache.decode(model, prompt, cache, new, on_logits=lambda i, x: logits.append(x.detach().cpu()))
+        return torch.stack(logits)
+
+    base = run(None)
+    knobs = dict(sinks=2, window=8, interval=8)
+    out = {"ran": True, "device": device, "model": "random Llama, 2 layers, 4 heads (2 KV), hidden 64",
+           "new_tokens": new, "policy": knobs, "r0_identical_to_default": {}, "r_identical_across_beta": {}}
+    for beta in (0.3, 0.5, 0.7):
+        out["r0_identical_to_default"][str(beta)] = bool(torch.equal(run(PolicyConfig(hbm_ratio=beta, evict_ratio=0.0,
+                                                                                         **knobs)), base))
+    runs = [run(PolicyConfig(hbm_ratio=beta, evict_ratio=0.1, **knobs)) for beta in (0.3, 0.5, 0.7)]
+    out["r_identical_across_beta"]["0.1"] = bool(all(torch.equal(runs[0], r) for r in runs[1:]))
+    out["r_differs_from_full"] = bool(not torch.equal(runs[0], base))
+    out["passed"] = all(out["r0_identical_to_default"].values()) and all(out["r_identical_across_beta"].values())
+    return out
+
+
+def error_table(suite: dict) -> str:
+    """The suite's errors as a Markdown table."""
+    lines = ["| strategy | batch | β | measured ms | predicted ms | step error % | measured overhead % | "
+             "predicted overhead % | overhead error pts |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in suite["configs"]:
+        c = r["config"]
+        lines.append(f"| {c['strategy']} | {c['batch']} | {c['policy']['hbm_ratio']} | {r['measured_step_ms']:.3f} | "
+                     f"{r['predicted_step_ms']:.3f} | {r['step_error_pct']:+.1f} | {r['measured_overhead_pct']:+.1f} | "
+                     f"{r['predicted_overhead_pct']:+.1f} | {r['overhead_error_pts']:+.1f} |")
+    s = suite["summary"]
+    if s.get("configurations"):
+        lines.append("")
+        lines.append(f"Median |step error| {s['step_error_pct_median_abs']:.1f}%, worst {s['step_error_pct_worst_abs']:.1f}%;"
+                     f" median |overhead error| {s['overhead_error_pts_median_abs']:.1f} pts, worst "
+                     f"{s['overhead_error_pts_worst_abs']:.1f} pts; median step-time CV {s['measured_step_cv_median']:.2f}.")
+    return "\n".join(lines)
+
+
+def run(out: Path, device: str = "cuda", quick: bool = False, budget_s: float = BUDGET_S, log=print) -> dict:
+    """Calibrate, validate the suite with the fresh profile, check exactness; write everything under `out`."""
+    from tiersim.calibration.fit import calibrate
+    from tiersim.fileio import atomic_path, write_json
+    from tiersim.hw.microbench import resolve_device
+    from tiersim.hw.validate import run_suite, suite_for
+
+    dev = resolve_device(device)
+    wall = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    suite = suite_for(device, quick)
+    log(f"calibrating {device} with {suite.model.name} layer shapes{' (quick)' if quick else ''} ...")
+    cal = calibrate(device, suite.model, quick=quick)
+    toml_path, raw_path = cal.write(out / "profile.toml")
+    log(f"wrote {toml_path} and {raw_path} ({time.perf_counter() - wall:.0f} s)")
+    left = budget_s - (time.perf_counter() - wall) - (15 if quick else 60)  # keep time for the exactness check
+    log("validate suite ...")
+    result = run_suite(device, cal.profile, out, quick=quick, budget_s=max(0.0, left),
+                       progress=lambda r: log(f"  {r['config']['strategy']:>14} batch {r['config']['batch']:>4} "
+                                              f"β {r['config']['policy']['hbm_ratio']}: measured {r['measured_step_ms']:.3f} ms,"
+                                              f" predicted {r['predicted_step_ms']:.3f} ms ({r['step_error_pct']:+.1f}%)"))
+    write_json(out / "validate_suite.json", result)
+    log("exactness check ...")
+    exact = exactness(str(dev), quick)
+    write_json(out / "exactness.json", exact)
+    label = result["device"].get("label", device)
+    summary = {"device": result["device"], "profile": str(toml_path), "suite": result["summary"],
+               "skipped": result["skipped"], "exactness_passed": exact.get("passed"), "exactness_ran": exact["ran"],
+               "wall_s": time.perf_counter() - wall, "quick": quick}
+    write_json(out / "summary.json", summary)
+    text = (f"# tiersim hardware validation: {label}\n\n{'Shortened (--quick) run. ' if quick else ''}"
+            f"Profile: `profile.toml`; suite: `validate_suite.json`; exactness: `exactness.json` "
+            f"({'passed' if exact.get('passed') else 'not run' if not exact['ran'] else 'FAILED'}).\n\n"
+            f"{error_table(result)}\n")
+    with atomic_path(out / "README.md") as tmp:
+        Path(tmp).write_text(text)
+    log(f"done in {summary['wall_s']:.0f} s; results in {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: exit 0 on success, 2 when the device is missing, 1 on other input errors."""
+    from tiersim.hw.microbench import DeviceError
+
+    parser = argparse.ArgumentParser(prog="python -m tiersim.hw.gpu_suite", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for every result (created)")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
+    parser.add_argument("--quick", action="store_true", help="shortened run (CI runs it with --device cpu)")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="wall-clock budget in seconds (default 480)")
+    args = parser.parse_args(argv)
+    try:
+        run(args.out, args.device, args.quick, args.budget_s)
+    except DeviceError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    except TiersimError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""Microbenchmarks of one machine: copies against size, both directions at once, host gathers, GEMMs of a
+model's layer shapes, attention over a KV-length sweep, whole model-shaped layers.
+
+Timing: CUDA events on CUDA (warm-up, then the median of repeats, each repeat `inner` calls back to
+back), `time.perf_counter` on CPU. Every result keeps its spread (p10, p90). On `--device cpu` the
+"device" is host memory and compute runs on one torch thread, exactly as the replay runs it
+(hw/replay.py): a real measurement of this machine, labelled as such, never a GPU result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import os
+import platform
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tiersim.errors import TiersimError
+from tiersim.specs import ModelSpec
+
+KIB, MIB = 1 << 10, 1 << 20
+DEFAULT_CHUNK = 128  # tokens per T0 chunk (hw/replay.py)
+COPY_SIZES = tuple(4 * KIB * 4**i for i in range(9))  # 4 KiB .. 256 MiB
+
+
+class DeviceError(TiersimError):
+    """The requested device is not there (the CLI exits with status 2)."""
+
+
+def resolve_device(name: str):
+    """torch.device for 'cpu', 'cuda' or 'cuda:N'; refuse CUDA on a machine without it."""
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                              f"built with CUDA {torch.version.cuda or 'none'}); accepted here: --device cpu")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); "
+                              f"accepted: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return device
+    raise DeviceError(f"--device {name!r} unknown; accepted: cpu, cuda, cuda:N")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or platform)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_total_bytes() -> float:
+    """Installed RAM (MemTotal)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _nvidia_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def device_info(device) -> dict:
+    """What was measured: device name, driver, torch, date, host."""
+    import torch
+
+    info = {"kind": device.type, "torch": torch.__version__, "host": socket.gethostname(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"), "cpu": cpu_name(),
+            "cpu_cores": os.cpu_count(), "ram_bytes": mem_total_bytes()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, memory_bytes=float(props.total_memory), driver=f"driver {_nvidia_driver()}",
+                    cuda_runtime=torch.version.cuda, sms=props.multi_processor_count,
+                    label=f"GPU {props.name}")
+    else:
+        info.update(name=f"CPU {info['cpu']} ({info['cpu_cores']} cores)", memory_bytes=info["ram_bytes"],
+                    driver="no GPU driver (CPU device)", threads=1,
+                    label=f"CPU measurement of this machine ({info['cpu']}), not a GPU")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Seconds per call: median and spread over repeats."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+    inner: int
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median."""
+        return (self.p90_s - self.p10_s) / self.median_s if self.median_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """Fields plus the spread."""
+        return {**asdict(self), "spread": self.spread}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_op(fn, device, warmup: int = 2, repeats: int = 7, inner: int | None = None, min_repeat_s: float = 2e-3) -> Timing:
+    """Time fn(): warm-up calls, then `repeats` timed groups of `inner` back-to-back calls (chosen so that a
+    group lasts about `min_repeat_s`); CUDA events on CUDA, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if inner is None:
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        once = max(time.perf_counter() - t, 1e-7)
+        inner = int(min(1000, max(1, math.ceil(min_repeat_s / once))))
+    samples = []
+    if device.type == "cuda":
+        import torch
+
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e-3 / inner)
+    else:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t) / inner)
+    s = np.array(samples)
+    return Timing(float(np.median(s)), float(np.percentile(s, 10)), float(np.percentile(s, 90)), float(s.min()),
+                  float(s.max()), repeats, inner)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copies
+# ---------------------------------------------------------------------------------------------
+
+def _host(nbytes: int, pinned: bool, device):
+    import torch
+
+    t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned and device.type == "cuda")
+    t.fill_(1)  # touch every page before timing
+    return t
+
+
+def _dev(nbytes: int, device):
+    import torch
+
+    t = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    t.fill_(1)
+    return t
+
+
+def _copy_fn(direction: str, nbytes: int, pinned: bool, device):
+    """A function that copies nbytes host→device ('h2d') or device→host ('d2h'); on CPU between two host buffers."""
+    host, dev = _host(nbytes, pinned, device), _dev(nbytes, device)
+    non_blocking = pinned and device.type == "cuda"
+    if direction == "h2d":
+        return lambda: dev.copy_(host, non_blocking=non_blocking)
+    return lambda: host.copy_(dev, non_blocking=non_blocking)
+
+
+def copy_curve(device, direction: str, pinned: bool, sizes=COPY_SIZES, repeats: int = 7) -> list[dict]:
+    """Copy time against size for one direction and host-memory kind."""
+    out = []
+    for n in sizes:
+        t = time_op(_copy_fn(direction, n, pinned, device), device, repeats=repeats)
+        out.append({"bytes": n, **t.to_dict(), "gbps": n / t.median_s / 1e9})
+    return out
+
+
+def duplex(device, nbytes: int = 64 * MIB, repeats: int = 5) -> dict:
+    """Both directions at once: each direction's bandwidth with the other busy, over its bandwidth alone.
+
+    CUDA: pinned H2D and D2H on two streams; CPU: two threads, each copying between its own host buffers.
+    """
+    import torch
+
+    h2d, d2h = _copy_fn("h2d", nbytes, True, device), _copy_fn("d2h", nbytes, True, device)
+    alone_h, alone_d = time_op(h2d, device, repeats=repeats, inner=1), time_op(d2h, device, repeats=repeats, inner=1)
+    both_h, both_d = [], []
+    if device.type == "cuda":
+        s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        for _ in range(repeats + 1):
+            e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            torch.cuda.synchronize(device)
+            with torch.cuda.stream(s1):
+                e[0].record()
+                h2d()
+                e[1].record()
+            with torch.cuda.stream(s2):
+                e[2].record()
+                d2h()
+                e[3].record()
+            torch.cuda.synchronize(device)
+            both_h.append(e[0].elapsed_time(e[1]) * 1e-3)
+            both_d.append(e[2].elapsed_time(e[3]) * 1e-3)
+    else:
+        for _ in range(repeats + 1):
+            h, d = _concurrently(h2d, d2h)
+            both_h.append(h)
+            both_d.append(d)
+    both_h, both_d = float(np.median(both_h[1:])), float(np.median(both_d[1:]))
+    factor_h, factor_d = alone_h.median_s / both_h, alone_d.median_s / both_d
+    return {"bytes": nbytes, "h2d_alone_s": alone_h.median_s, "d2h_alone_s": alone_d.median_s,
+            "h2d_both_s": both_h, "d2h_both_s": both_d, "factor_h2d": factor_h, "factor_d2h": factor_d,
+            "factor": float(min(1.0, (factor_h + factor_d) / 2))}
+
+
+def _concurrently(f, g) -> tuple[float, float]:
+    """Run f and g in two threads at once; seconds each took."""
+    times = {}
+
+    def run(name, fn):
+        t = time.perf_counter()
+        fn()
+        times[name] = time.perf_counter() - t
+
+    threads = [threading.Thread(target=run, args=("f", f)), threading.Thread(target=run, args=("g", g))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return times["f"], times["g"]
+
+
+class Rotation:
+    """Calls fn(item) over a list of items in turn, so repeats do not hit the same (cached) memory."""
+
+    def __init__(self, items, fn):
+        self.items, self.fn, self.i = items, fn, 0
+
+    def __call__(self):
+        self.i += 1
+        return self.fn(self.items[self.i % len(self.items)])
+
+
+def device_copy(device, nbytes: int = 256 * MIB, repeats: int = 5) -> dict:
+    """Device memory copy bandwidth (read + write counted), one large copy."""
+    a, b = _dev(nbytes, device), _dev(nbytes, device)
+    t = time_op(lambda: b.copy_(a), device, repeats=repeats, inner=1)
+    return {"bytes": nbytes, **t.to_dict(), "gbps_read_write": 2 * nbytes / t.median_s / 1e9}
+
+
+def gather_curve(device, model: ModelSpec, sizes=(MIB, 4 * MIB, 16 * MIB, 64 * MIB), repeats: int = 5) -> list[dict]:
+    """Host gather of scattered KV rows (head_dim x dtype bytes each) into one contiguous buffer, the way the
+    replay stages DDR-tier tokens: bytes gathered per second, and the read + write traffic."""
+    import torch
+
+    from tiersim.hw.replay import torch_dtype
+
+    dtype, d = torch_dtype(model), model.head_dim
+    row = d * model.dtype_bytes
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for n in sizes:
+        rows = max(1, n // row)
+        src = torch.ones(rows * 2, d, dtype=dtype)  # half the rows are gathered, at random
+        idx = torch.randperm(rows * 2, generator=gen)[:rows].sort().values
+        dst = torch.empty(rows, d, dtype=dtype, pin_memory=device.type == "cuda")
+        t = time_op(functools.partial(torch.index_select, src, 0, idx, out=dst), torch.device("cpu"), repeats=repeats)
+        out.append({"bytes": rows * row, "row_bytes": row, **t.to_dict(), "gbps": rows * row / t.median_s / 1e9})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute: the model's GEMM shapes, attention, whole layers
+# ---------------------------------------------------------------------------------------------
+
+def _llc_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        return int(text[:-1]) * {"K": KIB, "M": MIB}.get(text[-1], 1) if text[-1] in "KM" else int(text)
+    except (OSError, ValueError):
+        return 64 * MIB
+
+
+def _copies_beyond_cache(nbytes: int, device, cap: int = 12) -> int:
+    """How many copies of a weight set to rotate through so that repeats stream from memory, not cache."""
+    cache = 64 * MIB if device.type == "cuda" else _llc_bytes()
+    return int(min(cap, max(2, math.ceil(3 * cache / max(1, nbytes)))))
+
+
+def gemm_shapes(model: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(out, in) of each matmul weight of a layer, and the lm_head."""
+    m = model
+    return {"qkv": ((m.attention_heads + 2 * m.kv_heads) * m.head_dim, m.hidden),
+            "o": (m.hidden, m.attention_heads * m.head_dim), "gate_up": (2 * m.intermediate, m.hidden),
+            "down": (m.hidden, m.intermediate), "lm_head": (m.vocab, m.hidden)}
+
+
+def gemm_sweep(device, model: ModelSpec, tokens=(1, 8, 64, 512), repeats: int = 5) -> list[dict]:
+    """GEMM time and rate for each of the layer's weight shapes at several token counts."""
+    import torch
+
+    from tiersim.hw.replay import torch_dtype
+
+    dtype, out = torch_dtype(model), []
+    for name, (n_out, n_in) in gemm_shapes(model).items():
+        nbytes = n_out * n_in * model.dtype_bytes
+        weights = [torch.randn(n_out, n_in, device=device).to(dtype) for _ in range(_copies_beyond_cache(nbytes, device, 4))]
+        for m_tok in tokens:
+            x = torch.randn(m_tok, n_in, device=device).to(dtype)
+            t = time_op(Rotation(weights, functools.partial(_matmul_t, x)), device, repeats=repeats)
+            flops = 2.0 * n_out * n_in * m_tok
+            out.append({"gemm": name, "out": n_out, "in": n_in, "tokens": m_tok, "weight_bytes": nbytes, **t.to_dict(),
+                        "tflops": flops / t.median_s / 1e12, "weight_gbps": nbytes / t.median_s / 1e9})
+    return out
+
+
+def _matmul_t(x, w):
+    return x @ w.T
+
+
+def _t0_chunks(model: ModelSpec, batch: int, kv_tokens: int, chunk: int, device, dtype):
+    import torch
+
+    f = -(-kv_tokens // chunk)
+    shape = (f, batch * model.kv_heads, chunk, model.head_dim)
+    return torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype), f
+
+
+def attention_sweep(device, model: ModelSpec, batches=(1, 8), kv_lengths=(320, 1088, 4160), chunk: int = 0,
+                    repeats: int = 5) -> list[dict]:
+    """Decode attention (the replay's kernel) over a KV-length sweep: time, KV bytes read per second."""
+    import torch
+
+    from tiersim.hw.replay import decode_attention, torch_dtype
+
+    dtype, m = torch_dtype(model), model
+    chunk = chunk or DEFAULT_CHUNK
+    g = m.attention_heads // m.kv_heads
+    out = []
+    for b in batches:
+        for n in kv_lengths:
+            kv_bytes = b * n * m.kv_bytes_per_token_layer
+            pools = [_t0_chunks(m, b, n, chunk, device, dtype) for _ in range(_copies_beyond_cache(kv_bytes, device, 6))]
+            q = torch.randn(b * m.kv_heads, g, m.head_dim, device=device).to(dtype)
+            valid = n - (pools[0][2] - 1) * chunk
+            t = time_op(Rotation(pools, lambda pool, q=q, valid=valid: decode_attention(q, pool[0], pool[1], valid)),
+                        device, repeats=repeats)
+            flops = 4.0 * m.attention_heads * m.head_dim * b * n
+            out.append({"batch": b, "kv_tokens": n, "kv_bytes": kv_bytes, **t.to_dict(),
+                        "kv_gbps": kv_bytes / t.median_s / 1e9, "tflops": flops / t.median_s / 1e12})
+            del pools
+    return out
+
+
+def layer_sweep(device, model: ModelSpec, points, repeats: int = 5) -> list[dict]:
+    """Whole model-shaped decoder layers, the replay's own code (hw.replay.layer_kernel): for each point
+    (new tokens, sequences, KV tokens per sequence) RMSNorm, projections, KV write, attention over T0 chunks
+    (decode) or causal SDPA (prefill, KV tokens 0) and the MLP. These points fit the cost model's layer time."""
+    from tiersim.hw.replay import LayerWeights, layer_kernel, torch_dtype
+
+    most = _copies_beyond_cache(model.layer_weight_bytes, device, 8)
+    weights = [LayerWeights.random(model, device, torch_dtype(model)) for _ in range(most)]
+    out = []
+    for tokens, batch, kv in points:
+        kv_bytes = batch * kv * model.kv_bytes_per_token_layer
+        copies = _copies_beyond_cache(model.layer_weight_bytes + kv_bytes, device, most)
+        while copies > 2 and copies * 2 * kv_bytes > 0.25 * mem_total_bytes():
+            copies -= 1
+        kernel = layer_kernel(model, _name(device), tokens, batch, kv, copies, weights=weights)
+        out.append({"tokens": tokens, "batch": batch, "kv_tokens": kv, "copies": copies,
+                    **time_op(kernel, device, repeats=repeats).to_dict()})
+    return out
+
+
+def head_sweep(device, model: ModelSpec, tokens=(1, 8, 64), repeats: int = 5) -> list[dict]:
+    """Final norm + lm_head, the replay's head."""
+    from tiersim.hw.replay import head_kernel
+
+    copies = _copies_beyond_cache(model.vocab * model.hidden * model.dtype_bytes, device, 4)
+    return [{"tokens": n, **time_op(head_kernel(model, _name(device), n, copies), device, repeats=repeats).to_dict()}
+            for n in tokens]
+
+
+def _name(device) -> str:
+    return device.type if device.index is None else f"{device.type}:{device.index}"
+
+
+def contention(device, model: ModelSpec, nbytes: int = 64 * MIB, repeats: int = 5) -> dict | None:
+    """CPU only: a layer's matmuls with and without a concurrent copy thread (the replay's copy engine shares
+    the memory system there; the cost model assumes compute and copies do not slow each other)."""
+    if device.type == "cuda":
+        return None
+    import torch
+
+    from tiersim.hw.replay import LayerWeights, mlp, torch_dtype
+
+    dtype = torch_dtype(model)
+    copies = _copies_beyond_cache(model.layer_weight_bytes, device)
+    ws = [LayerWeights.random(model, device, dtype) for _ in range(copies)]
+    x = torch.randn(8, model.hidden).to(dtype)
+    run = Rotation(ws, functools.partial(mlp, x))
+    alone = time_op(run, device, repeats=repeats)
+    a, b = _host(nbytes, False, device), _host(nbytes, False, device)
+    stop = threading.Event()
+
+    def copier():
+        while not stop.is_set():
+            b.copy_(a)
+
+    th = threading.Thread(target=copier, daemon=True)
+    th.start()
+    try:
+        busy = time_op(run, device, repeats=repeats)
+    finally:
+        stop.set()
+        th.join()
+    return {"mlp_alone_s": alone.median_s, "mlp_with_copy_s": busy.median_s, "slowdown": busy.median_s / alone.median_s}
+
+
+def _kv_lengths(chunks) -> tuple[int, ...]:
+    """KV lengths half a chunk past whole chunks: the replay's sequences end anywhere in their last chunk."""
+    return tuple(c * DEFAULT_CHUNK + DEFAULT_CHUNK // 2 for c in chunks)
+
+
+def layer_points(quick: bool) -> list[tuple[int, int, int]]:
+    """(new tokens, sequences, KV tokens per sequence) of the layer sweep: decode batches x KV lengths, plus
+    prefill-sized token counts (which set the FLOP rate)."""
+    batches = (1, 4, 16) if quick else (1, 4, 16, 64)
+    lengths = _kv_lengths((1, 8) if quick else (1, 4, 16, 32))
+    points = [(b, b, n) for b in batches for n in lengths]
+    points += [(256, 1, 0), (1024, 1, 0)] if quick else [(128, 1, 0), (512, 1, 0), (2048, 1, 0)]
+    return points
+
+
+def measure(device_name: str, model: ModelSpec, quick: bool = False) -> dict:
+    """Every microbenchmark of `calibrate`, as a JSON-ready dict (times in seconds, sizes in bytes)."""
+    from tiersim.hw.replay import cpu_threads
+
+    device = resolve_device(device_name)
+    wall = time.perf_counter()
+    reps = 3 if quick else 7
+    sizes = COPY_SIZES if not quick else COPY_SIZES[::2]
+    raw = {"device": device_info(device), "model": model.to_dict(), "quick": quick}
+    scope = cpu_threads(1) if device.type == "cpu" else _NoScope()
+    with scope:
+        raw["copies"] = {f"{d}_{'pinned' if p else 'pageable'}": copy_curve(device, d, p, sizes, reps)
+                         for d in ("h2d", "d2h") for p in (True, False)}
+        raw["duplex"] = duplex(device, 16 * MIB if quick else 64 * MIB, reps)
+        raw["device_copy"] = device_copy(device, 64 * MIB if quick else 256 * MIB, reps)
+        gather_sizes = (MIB, 4 * MIB, 16 * MIB) if quick else (MIB, 4 * MIB, 16 * MIB, 64 * MIB)
+        raw["gather"] = gather_curve(device, model, gather_sizes, reps)
+        raw["gemm"] = gemm_sweep(device, model, (1, 8, 256) if quick else (1, 8, 64, 512), reps)
+        raw["attention"] = attention_sweep(device, model, (1, 8) if quick else (1, 8, 32),
+                                           _kv_lengths((2, 16) if quick else (2, 8, 32)), repeats=reps)
+        raw["layers"] = layer_sweep(device, model, layer_points(quick), repeats=reps)
+        raw["head"] = head_sweep(device, model, (1, 16) if quick else (1, 8, 64), reps)
+        raw["contention"] = contention(device, model, 16 * MIB if quick else 64 * MIB, reps)
+    raw["wall_s"] = time.perf_counter() - wall
+    return raw
+
+
+class _NoScope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
