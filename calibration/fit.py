@@ -207,8 +207,9 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
         f"layers of {model['name']} (projections + attention over T0 chunks + MLP) and its lm_head, rotated through "
         f"weight copies larger than the cache; {ComputeFit(**c).residual()}")
     put("bf16_tflops_effective", c["tflops"], f"F of the same fit; {ComputeFit(**c).residual()}")
-    put("launch_us", c["launch_us"], f"per-layer constant of the same fit (kernel launches"
-        f"{' and Python dispatch' if cpu else ''}); {ComputeFit(**c).residual()}")
+    put("launch_us", max(c["launch_us"], 0.01), f"per-layer constant of the same fit (kernel launches"
+        f"{' and Python dispatch' if cpu else ''}); {ComputeFit(**c).residual()}"
+        + ("; the fit put it at its bound 0, floored at 0.01 us" if c["launch_us"] < 0.01 else ""))
     g = fitted["gather"]
     put("ddr_gbps", 2 * g["gbps"],
         f"2 x the host gather rate (read + write traffic) of scattered {raw['gather'][0]['row_bytes']}-byte KV rows "

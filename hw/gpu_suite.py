@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def run(out: Path, device: str = "cuda", quick: bool = False, budget_s: float = 
     log(f"wrote {toml_path} and {raw_path} ({time.perf_counter() - wall:.0f} s)")
     left = budget_s - (time.perf_counter() - wall) - (15 if quick else 60)  # keep time for the exactness check
     log("validate suite ...")
-    result = run_suite(device, cal.profile, out, quick=quick, budget_s=max(0.0, left),
+    result = run_suite(device, cal.profile, Path(tempfile.mkdtemp(prefix="tiersim-suite-")), quick=quick,
+                       budget_s=max(0.0, left),
                        progress=lambda r: log(f"  {r['config']['strategy']:>14} batch {r['config']['batch']:>4} "
                                               f"β {r['config']['policy']['hbm_ratio']}: measured {r['measured_step_ms']:.3f} ms,"
                                               f" predicted {r['predicted_step_ms']:.3f} ms ({r['step_error_pct']:+.1f}%)"))

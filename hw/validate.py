@@ -326,7 +326,7 @@ def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = Fa
     dev = resolve_device(device)
     info = device_info(dev)
     suite = suite_for(device, quick)
-    folder = Path(folder)
+    folder = Path(folder)  # for the suite's synthetic trace (made again from its seed when missing)
     folder.mkdir(parents=True, exist_ok=True)
     trace_path = suite_trace(suite, folder)
     trace = read_trace(trace_path)
