@@ -53,17 +53,29 @@ class LinkFit:
                 "points": self.points}
 
 
+BANDWIDTH_MIN_BYTES = 1 << 20  # copies this large set the bandwidth; smaller ones only the latency
+
+
 def fit_link(points: list[dict]) -> LinkFit:
-    """Fit time = latency + bytes / bandwidth to {bytes, median_s} points (relative residuals, both terms >= 0)."""
+    """Fit time = latency + bytes / bandwidth to {bytes, median_s} points, both terms >= 0.
+
+    The bandwidth comes from a relative-residual fit (scipy lsq_linear) of the copies of at least 1 MiB
+    (all of them when fewer than two are that large): on a CPU, smaller copies run from cache and would
+    inflate it. The latency then minimises the relative residuals of every size at that bandwidth.
+    """
     b = np.array([p["bytes"] for p in points], dtype=np.float64)
     t = np.array([p["median_s"] for p in points], dtype=np.float64)
     if len(b) < 2 or not (t > 0).all():
         raise TiersimError(f"link fit needs at least 2 sizes with positive times, got {len(b)}")
+    big = b >= BANDWIDTH_MIN_BYTES
+    big = big if big.sum() >= 2 else np.ones_like(big)
     a = np.stack([np.ones_like(b), b], axis=1) / t[:, None]  # rows scaled by 1/t: relative residuals
-    sol = lsq_linear(a, np.ones_like(b), bounds=(0.0, np.inf))
-    latency_s, inv_bw = float(sol.x[0]), float(sol.x[1])
+    sol = lsq_linear(a[big], np.ones(int(big.sum())), bounds=(0.0, np.inf))
+    inv_bw = float(sol.x[1])
     if inv_bw <= 0:
         raise TiersimError("link fit: bandwidth term came out zero (times do not grow with size)")
+    w = 1.0 / t**2  # least squares of (latency + b/bw - t) / t over every size, latency >= 0
+    latency_s = max(0.0, float(np.sum(w * (t - b * inv_bw)) / np.sum(w)))
     rel = (latency_s + b * inv_bw - t) / t
     return LinkFit(latency_s * 1e6, 1.0 / inv_bw / GB, float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()), len(b))
 
@@ -159,6 +171,16 @@ def fits(raw: dict) -> dict:
     return out
 
 
+def _link_gather_note(raw: dict) -> str:
+    """What the GPU's own gather from pinned host memory reached (the pinned fetch of sim/costs.py), for comparison."""
+    points = raw.get("link_gather") or []
+    if not points or "unavailable" in points[0]:
+        return ""
+    rates = ", ".join(f"{p['gbps']:.1f}" for p in points)
+    return (f"; for comparison, the GPU gathering {points[0]['row_bytes']}-byte KV rows from pinned host memory "
+            f"itself (zero-copy) reached {rates} GB/s at {', '.join(str(p['bytes'] >> 20) + ' MiB' for p in points)}")
+
+
 def _datasheet(info: dict) -> HardwareSpec | None:
     if info["kind"] != "cuda":
         return None
@@ -191,7 +213,8 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
         f = link[curve]
         kind = "pinned" if "pinned" in curve else "pageable"
         put(key, f["gbps"], f"{curve.split('_')[0].upper()} {kind}: {how_copy}, {sizes}, bandwidth of "
-                            f"latency + bytes/bandwidth; {LinkFit(**f).residual()}")
+                            f"latency + bytes/bandwidth (bandwidth from the copies >= 1 MiB); {LinkFit(**f).residual()}"
+                            + (_link_gather_note(raw) if key == "h2d_gbps_pinned" else ""))
     lat = link["h2d_pinned"]
     others = ", ".join(f"{k} {link[k]['latency_us']:.2f}" for k in ("d2h_pinned", "h2d_pageable", "d2h_pageable"))
     put("copy_latency_us", max(lat["latency_us"], 0.01),

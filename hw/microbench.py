@@ -304,6 +304,32 @@ def gather_curve(device, model: ModelSpec, sizes=(MIB, 4 * MIB, 16 * MIB, 64 * M
     return out
 
 
+def link_gather_curve(device, model: ModelSpec, sizes=(MIB, 4 * MIB, 16 * MIB, 64 * MIB), repeats: int = 5) -> list[dict]:
+    """CUDA only: the GPU gathering scattered KV rows straight from pinned host memory (the replay's pinned fetch,
+    zero-copy through a UVA alias), bytes per second over the link. Empty where the alias is unavailable."""
+    if device.type != "cuda":
+        return []
+    import torch
+
+    from tiersim.hw.replay import torch_dtype, uva_alias
+
+    dtype, d = torch_dtype(model), model.head_dim
+    row = d * model.dtype_bytes
+    out = []
+    for n in sizes:
+        rows = max(1, n // row)
+        src = torch.ones(rows * 2, d, dtype=dtype, pin_memory=True)
+        try:
+            alias = uva_alias(src, device)
+        except Exception as e:  # noqa: BLE001
+            return [{"unavailable": str(e).splitlines()[0][:200]}]
+        idx = torch.randperm(rows * 2, generator=torch.Generator().manual_seed(0))[:rows].sort().values.to(device)
+        dst = torch.empty(rows, d, dtype=dtype, device=device)
+        t = time_op(functools.partial(torch.index_select, alias, 0, idx, out=dst), device, repeats=repeats)
+        out.append({"bytes": rows * row, "row_bytes": row, **t.to_dict(), "gbps": rows * row / t.median_s / 1e9})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Compute: the model's GEMM shapes, attention, whole layers
 # ---------------------------------------------------------------------------------------------
@@ -483,8 +509,9 @@ def measure(device_name: str, model: ModelSpec, quick: bool = False) -> dict:
                          for d in ("h2d", "d2h") for p in (True, False)}
         raw["duplex"] = duplex(device, 16 * MIB if quick else 64 * MIB, reps)
         raw["device_copy"] = device_copy(device, 64 * MIB if quick else 256 * MIB, reps)
-        gather_sizes = (MIB, 4 * MIB, 16 * MIB) if quick else (MIB, 4 * MIB, 16 * MIB, 64 * MIB)
+        gather_sizes = (MIB, 4 * MIB, 16 * MIB) if quick else (256 * KIB, MIB, 4 * MIB, 16 * MIB)
         raw["gather"] = gather_curve(device, model, gather_sizes, reps)
+        raw["link_gather"] = link_gather_curve(device, model, gather_sizes, reps)
         raw["gemm"] = gemm_sweep(device, model, (1, 8, 256) if quick else (1, 8, 64, 512), reps)
         raw["attention"] = attention_sweep(device, model, (1, 8) if quick else (1, 8, 32),
                                            _kv_lengths((2, 16) if quick else (2, 8, 32)), repeats=reps)

@@ -6,14 +6,17 @@ describes (sim/costs.py, sim/engine.py), with real tensors:
 - T0 (HBM tier) pools on the device, one K and one V pool per layer, in chunks of `chunk_tokens`
   tokens so that attention over a sequence reads contiguous memory; T1 (DDR tier) in host memory,
   pinned on CUDA, one slot per token position (scattered, as the cost model assumes).
-- Every decode step, each layer's DDR-tier tokens (and the promotions of the last re-tier) are
-  gathered on the host and copied into a staging buffer: `prefetch-layer` on a separate copy stream
-  (a copy thread; on CUDA a `torch.cuda.Stream` with events), up to `depth` layers ahead into
-  `depth + 1` buffers; `prefetch-sync` for all layers into one buffer per layer before the forward
-  pass. Pinned: the gather runs chunk by chunk ahead of the DMA (on CPU it is one fused gather
-  into the staging buffer); pageable: gather into a new tensor, then copy (the paper's prototype).
-- Demotions decided at a re-tier go device to host on the copy engine before that layer's next
-  staged copy; the holes they leave in T0 are filled by moving the last resident tokens.
+- Every decode step, each layer's DDR-tier tokens are brought into a staging buffer: `prefetch-layer`
+  on a separate copy stream (a copy thread; on CUDA a `torch.cuda.Stream` with events), up to `depth`
+  layers ahead into `depth + 1` buffers; `prefetch-sync` for all layers into one buffer per layer
+  before the forward pass. As the cost model has it (sim/costs.py): from pinned memory the device
+  gathers the scattered tokens itself over the link (CUDA: an index_select kernel reading the pinned
+  pool through a zero-copy UVA alias, or, where the driver will not map it, host gather + DMA, recorded
+  as `fetch_path`; CPU: one index_select from the host pool into the staging buffer); from pageable
+  memory they are gathered on the host into a new tensor, then copied (the paper's prototype).
+- At a re-tier, on the copy engine before that layer's next staged copy: demotions go device to
+  host, the holes they and evictions leave in T0 are filled with the last resident tokens, and the
+  promotions are copied from the host pool into T0.
 - Compute per layer: RMSNorm, the q/k/v, o, gate/up and down projections with the layer's real
   weight shapes (random bf16 weights) for the batch's new tokens, and attention over the resident
   plus staged tokens (decode: one query per sequence, grouped-query heads, both parts merged in one
@@ -145,6 +148,7 @@ class StepWork:
     compact: tuple[np.ndarray, np.ndarray] | None = None  # T0 rows moved (src, dst) to fill holes
     d2h: tuple[np.ndarray, np.ndarray] | None = None  # demoted: T0 rows, host K rows (same order)
     gather: np.ndarray | None = None  # host K rows in staging order (V rows: + host_v_offset)
+    gather_dev: object = None  # the same index on the device (CUDA zero-copy gather)
     promote: tuple[np.ndarray, np.ndarray] | None = None  # host K rows -> T0 rows, (token, head) order
     demoted_tokens: int = 0
 
@@ -670,6 +674,7 @@ class ReplayResult:
     memory: MemoryNeed | None  # set by `replay`
     uniform: bool
     wall_s: float
+    fetch_path: str = ""  # how DDR-tier tokens reached the staging buffers
 
     def summary(self) -> dict:
         """Means in ms, totals, spread."""
@@ -683,7 +688,7 @@ class ReplayResult:
             "h2d_gb_per_step": float(self.h2d_bytes.mean() / GB), "d2h_gb_per_step": float(self.d2h_bytes.mean() / GB),
             "device_gb": self.memory.device_bytes / GB if self.memory else None,
             "host_gb": self.memory.host_bytes / GB if self.memory else None,
-            "batched_attention": self.uniform, "wall_s": self.wall_s,
+            "batched_attention": self.uniform, "fetch_path": self.fetch_path, "wall_s": self.wall_s,
         }
 
 
@@ -712,8 +717,14 @@ class Replayer:
         pin = self.cuda and cfg.pinned
         host_rows = 2 * lay.host_v_offset if self.tiered else 0
         self.host = [torch.zeros(host_rows, m.head_dim, dtype=self.dtype, pin_memory=pin) for _ in range(m.layers)]
+        self.host_uva, self.fetch_path = [], _fetch_path(cfg, self.tiered)
+        if pin and self.tiered:
+            try:
+                self.host_uva = [uva_alias(h, self.device) for h in self.host]
+            except Exception as e:  # noqa: BLE001 - any failure: fall back to host gather + DMA
+                self.fetch_path = f"host gather + DMA (zero-copy UVA alias unavailable: {str(e).splitlines()[0][:120]})"
         self.bounce = [torch.empty(BOUNCE_ROWS, m.head_dim, dtype=self.dtype, pin_memory=True)
-                       for _ in range(2)] if (pin and self.tiered) else []
+                       for _ in range(2)] if (pin and self.tiered and not self.host_uva) else []
         self._bounce_done = [None, None]  # events: the DMA that last read each bounce buffer
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._to_device(torch)
@@ -738,8 +749,9 @@ class Replayer:
             if w.gather is not None and isinstance(w.gather, np.ndarray):
                 key = id(w.gather)
                 if key not in shared:
-                    shared[key] = (w.gather, as_host(np.concatenate([w.gather, w.gather + lay.host_v_offset])))
-                w.gather = shared[key][1]
+                    rows = np.concatenate([w.gather, w.gather + lay.host_v_offset])
+                    shared[key] = (w.gather, as_host(rows), as_dev(rows) if self.host_uva else None)
+                w.gather, w.gather_dev = shared[key][1], shared[key][2]
         self._positions = [torch.as_tensor(w.positions, device=dev) for w in self.plan.steps] if self.probe else None
 
     # -- copies ---------------------------------------------------------------------------------
@@ -787,7 +799,9 @@ class Replayer:
             out.copy_(src.index_select(0, rows))
         elif not self.cuda:  # host to host: one fused pass
             torch.index_select(src, 0, rows, out=out)
-        else:  # gather chunk i+1 on the host while chunk i is on the link
+        elif self.host_uva:  # the GPU gathers from pinned host memory itself, over the link
+            torch.index_select(self.host_uva[layer], 0, w.gather_dev, out=out)
+        else:  # fallback: gather chunk i+1 on the host while chunk i is on the link
             done = self._bounce_done
             for i, start in enumerate(range(0, n, BOUNCE_ROWS)):
                 part = rows[start: start + BOUNCE_ROWS]
@@ -951,7 +965,7 @@ class Replayer:
         if self.cuda:
             stall[:] = np.nan
         return ReplayResult(step_s, step_s - head_s, head_s, stall, self.plan.h2d_bytes[:n], self.plan.d2h_bytes[:n],
-                            None, all(w.uniform for w in steps), wall)
+                            None, all(w.uniform for w in steps), wall, self.fetch_path)
 
     def _sync_copies(self, w: StepWork) -> None:
         """prefetch-sync: every layer's demotions and staged copies, then the compute stream waits for them."""
@@ -1000,6 +1014,38 @@ class Replayer:
                             staged.advance(stream)
         except BaseException as e:  # surface it in the compute thread
             staged.fail(e)
+
+
+class _CudaArray:
+    """A pinned host buffer presented through the CUDA array interface (as int16: bf16 has no typestr)."""
+
+    def __init__(self, t):
+        self.keep = t
+        self.__cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": "<i2", "data": (t.data_ptr(), False),
+                                         "version": 2, "strides": None}
+
+
+def uva_alias(host, device):
+    """A CUDA tensor over a pinned host tensor's memory: kernels reading it read host memory over the link
+    (zero-copy; pinned memory is mapped under unified addressing). Raises where the driver does not map it."""
+    import torch
+
+    if not host.is_pinned() or not host.is_contiguous() or host.element_size() != 2:
+        raise ValueError("need a contiguous pinned 2-byte tensor")
+    alias = torch.as_tensor(_CudaArray(host.view(torch.int16)), device=device)
+    if alias.device.type != "cuda" or alias.data_ptr() != host.data_ptr():
+        raise RuntimeError("as_tensor copied instead of aliasing")
+    return alias.view(host.dtype)
+
+
+def _fetch_path(cfg: ReplayConfig, tiered: bool) -> str:
+    if not tiered:
+        return "none"
+    if not cfg.pinned:
+        return "pageable: host gather into a new tensor, then copy"
+    if cfg.device.startswith("cuda"):
+        return "pinned: zero-copy GPU gather over the link (UVA index_select)"
+    return "pinned: one index_select from the host pool into the staging buffer (CPU device)"
 
 
 def _touches_t0(w: StepWork) -> bool:

@@ -48,6 +48,14 @@ def test_link_fit_recovers_latency_and_bandwidth_exactly():
     assert 0.09 < g.rms_rel < 0.11 and "fit residual" in g.residual()
 
 
+def test_link_bandwidth_comes_from_large_copies_so_cached_small_ones_do_not_inflate_it():
+    # A CPU: copies up to 256 KiB run from cache at 30 GB/s, larger ones from DRAM at 6 GB/s.
+    points = [{"bytes": b, "median_s": 1e-6 + b / ((30 if b <= 256 << 10 else 6) * 1e9)} for b in microbench.COPY_SIZES]
+    f = fit_link(points)
+    assert f.gbps == pytest.approx(6.0, rel=0.02)
+    assert 0 <= f.latency_us < 1.0  # the cached copies pull the latency down; it never goes negative
+
+
 def test_link_fit_refuses_curves_that_do_not_grow():
     with pytest.raises(TiersimError, match="at least 2 sizes"):
         fit_link([{"bytes": 4096, "median_s": 1e-6}])
