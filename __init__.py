@@ -1,3 +1,5 @@
 """tiersim: a discrete-event simulator of a tiered GPU KV-cache hierarchy, and its hardware validator."""
 
-__version__ = "0.1.0"
+from tiersim.version import __version__
+
+__all__ = ["__version__"]

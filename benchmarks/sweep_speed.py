@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tiersim.sim.sweep import WALL_COLUMNS, parse_grid, read_results, run_sweep
+from tiersim.studies.sweep import WALL_COLUMNS, parse_grid, read_results, run_sweep
 from tiersim.traces.synth import SynthParams, write_synth_trace
 
 GRID = {

@@ -25,15 +25,10 @@ import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
 from tiersim.errors import TiersimError
-from tiersim.specs import HardwareSpec, ModelSpec, hardware_spec
+from tiersim.specs import HardwareSpec, ModelSpec
+from tiersim.specs.hardware import datasheet_for
 
 GB = 1e9
-# Device-name patterns -> built-in profile whose datasheet numbers (spec values, link) apply; first match wins.
-DATASHEETS = ((r"GH200", "gh200"), (r"H200", "h200-sxm"), (r"H100.*PCIe", "h100-pcie"), (r"H100", "h100-sxm"),
-              (r"A100", "a100-80g-sxm"), (r"B200", "b200"), (r"L40S", "l40s"), (r"4090", "rtx4090"),
-              (r"5080", "rtx5080"))
-
-
 @dataclass(frozen=True, slots=True)
 class LinkFit:
     """latency + bytes / bandwidth, and how well it fits."""
@@ -181,15 +176,6 @@ def _link_gather_note(raw: dict) -> str:
             f"itself (zero-copy) reached {rates} GB/s at {', '.join(str(p['bytes'] >> 20) + ' MiB' for p in points)}")
 
 
-def _datasheet(info: dict) -> HardwareSpec | None:
-    if info["kind"] != "cuda":
-        return None
-    for pattern, name in DATASHEETS:
-        if re.search(pattern, info["name"], re.IGNORECASE):
-            return hardware_spec(name)
-    return None
-
-
 def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareSpec:
     """A HardwareSpec from the measurements and fits; every value says where it came from."""
     info, model = raw["device"], raw["model"]
@@ -244,7 +230,7 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
     else:
         put("hbm_gb", info["memory_bytes"] / GB, "total_memory reported by torch.cuda.get_device_properties")
     _spec_values(raw, fitted, values, sources, where)
-    sheet = _datasheet(info)
+    sheet = datasheet_for(info)
     label = info["name"]
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48]
     return HardwareSpec(
@@ -257,7 +243,7 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
 
 def _spec_values(raw: dict, fitted: dict, values: dict, sources: dict, where: str) -> None:
     """hbm_gbps_spec and bf16_tflops_spec: the datasheet when the device is known, else the best measured."""
-    sheet = _datasheet(raw["device"])
+    sheet = datasheet_for(raw["device"])
     best_bw = max([values["hbm_gbps_effective"], raw["device_copy"]["gbps_read_write"] / 2]
                   + [p["weight_gbps"] for p in raw["gemm"]] + [p["kv_gbps"] for p in raw["attention"]])
     best_fl = max([values["bf16_tflops_effective"]] + [p["tflops"] for p in raw["gemm"]])
@@ -296,18 +282,6 @@ class Calibration:
         return toml_path, raw_path
 
 
-def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | None = None) -> Calibration:
-    """Measure the machine (hw.microbench) and fit a hardware profile."""
-    from tiersim.hw.microbench import measure
-
-    raw = measure(device, model, quick)
-    fitted = fits(raw)
-    raw["fits"] = fitted
-    profile = build_profile(raw, fitted, name)
-    raw["profile"] = profile.to_dict()
-    return Calibration(profile, raw)
-
-
 def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     """(field, value, how) rows for the CLI table."""
     p = cal.profile
@@ -321,5 +295,5 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["Calibration", "ComputeFit", "LinkFit", "build_profile", "calibrate", "fit_compute", "fit_link", "fits",
+__all__ = ["Calibration", "ComputeFit", "LinkFit", "build_profile", "fit_compute", "fit_link", "fits",
            "predict_compute", "summary_rows"]

@@ -82,10 +82,10 @@ def error_table(suite: dict) -> str:
 
 def run(out: Path, device: str = "cuda", quick: bool = False, budget_s: float = BUDGET_S, log=print) -> dict:
     """Calibrate, validate the suite with the fresh profile, check exactness; write everything under `out`."""
-    from tiersim.calibration.fit import calibrate
     from tiersim.fileio import atomic_path, write_json
+    from tiersim.hw.calibrate import calibrate
     from tiersim.hw.microbench import resolve_device
-    from tiersim.hw.validate import run_suite, suite_for
+    from tiersim.validate import run_suite, suite_for
 
     dev = resolve_device(device)
     wall = time.perf_counter()

@@ -39,8 +39,8 @@ import numpy as np
 
 from tiersim.errors import TiersimError
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, PolicyConfig, TierSchedule
-from tiersim.sim.workload import Workload
 from tiersim.specs import ModelSpec
+from tiersim.workload.build import Workload
 
 REPLAY_STRATEGIES = ("full", "evict-only", "prefetch-sync", "prefetch-layer")
 TIERED = ("prefetch-sync", "prefetch-layer")
@@ -415,7 +415,7 @@ class MemoryNeed:
 def memory_need(cfg: ReplayConfig, workload: Workload) -> MemoryNeed:
     """Weights, T0 pools, staging buffers and activations on the device; the DDR pool and bounce buffers on the
     host. From the workload's tier counts alone, so a replay that cannot fit is refused before it is planned."""
-    from tiersim.sim.workload import COL
+    from tiersim.workload.build import COL
 
     m, dt = cfg.model, cfg.model.dtype_bytes
     tables, totals = workload.tables, workload.totals

@@ -17,13 +17,14 @@ import pandas as pd
 
 from tiersim.errors import TiersimError
 from tiersim.policy import PolicyConfig
-from tiersim.sim import cache, engine
+from tiersim.sim import engine
 from tiersim.sim.costs import GB, CostModel
 from tiersim.sim.engine import STRATEGIES, StepPlan, Timeline
-from tiersim.sim.workload import Workload, build_workload
 from tiersim.specs import HardwareSpec, ModelSpec
 from tiersim.traces.format import Trace, read_trace
 from tiersim.traces.synth import SynthParams
+from tiersim.workload import cache
+from tiersim.workload.build import Workload, build_workload
 
 # vLLM's default gpu_memory_utilization is 0.9: 10% of HBM is left to the CUDA context, the
 # allocator and activations (https://docs.vllm.ai/en/latest/api/vllm/config/cache.html).

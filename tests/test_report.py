@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from tiersim.cli import cli
 from tiersim.errors import TiersimError
-from tiersim.sim.report import (
+from tiersim.studies.report import (
     best_within,
     load_ok_rows,
     occupancy_figure,
@@ -21,7 +21,7 @@ from tiersim.sim.report import (
     pareto_mask,
     write_report,
 )
-from tiersim.sim.sweep import parse_grid, run_sweep
+from tiersim.studies.sweep import parse_grid, run_sweep
 from tiersim.traces.format import write_trace
 from tiersim.traces.synth import SynthParams, synth_request
 

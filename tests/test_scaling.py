@@ -12,7 +12,8 @@ from tiersim.cli import cli
 from tiersim.errors import TiersimError
 from tiersim.policy import PolicyConfig
 from tiersim.sim import SimConfig, simulate
-from tiersim.sim.scaling import (
+from tiersim.specs import hardware_spec, model_spec
+from tiersim.studies.scaling import (
     SCALING_STRATEGIES,
     ScalingConfig,
     Scenario,
@@ -21,7 +22,6 @@ from tiersim.sim.scaling import (
     scaling_rows,
     scenarios,
 )
-from tiersim.specs import hardware_spec, model_spec
 from tiersim.traces.format import write_trace
 from tiersim.traces.synth import SynthParams, synth_request
 

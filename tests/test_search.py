@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from tiersim.cli import cli
 from tiersim.errors import TiersimError
 from tiersim.sim import SimConfig
-from tiersim.sim import search as search_module
-from tiersim.sim.search import FrontierPoint, advise, bisect_beta, search_hbm_ratio
 from tiersim.specs import hardware_spec, model_spec
+from tiersim.studies import search as search_module
+from tiersim.studies.search import FrontierPoint, advise, bisect_beta, search_hbm_ratio
 from tiersim.traces.format import write_trace
 from tiersim.traces.synth import SynthParams, synth_request
 

@@ -15,10 +15,10 @@ from tiersim.policy import DDR, EVICTED, HBM, PolicyConfig
 from tiersim.sim import SimConfig, simulate
 from tiersim.sim.costs import CostModel
 from tiersim.sim.run import bound_s, make_plan
-from tiersim.sim.workload import build_workload, slot_rows
 from tiersim.specs import hardware_spec, model_spec
 from tiersim.traces.format import read_trace, write_trace
 from tiersim.traces.synth import SynthParams, synth_request
+from tiersim.workload.build import build_workload, slot_rows
 
 P, G = 40, 400
 

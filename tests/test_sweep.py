@@ -18,9 +18,9 @@ import tiersim
 from tiersim.cli import cli, policy_options, simulate_options
 from tiersim.errors import TiersimError
 from tiersim.sim import SimConfig, simulate
-from tiersim.sim import sweep as sw
-from tiersim.sim.sweep import DEFAULTS, WALL_COLUMNS, grid_keys, parse_grid, partial_dir, read_grid, read_results, run_sweep
 from tiersim.specs import hardware_spec, model_spec
+from tiersim.studies import sweep as sw
+from tiersim.studies.sweep import DEFAULTS, WALL_COLUMNS, grid_keys, parse_grid, partial_dir, read_grid, read_results, run_sweep
 from tiersim.traces.format import write_trace
 from tiersim.traces.synth import SynthParams, synth_request
 
@@ -250,7 +250,7 @@ def test_engine_options_are_checked_before_anything_runs(trace_dir, tmp_path, kw
 
 
 def test_dask_is_imported_only_for_the_dask_engine(trace_dir, tmp_path):
-    code = ("import sys; from tiersim.sim.sweep import parse_grid, run_sweep; import tiersim.cli; "
+    code = ("import sys; from tiersim.studies.sweep import parse_grid, run_sweep; import tiersim.cli; "
             f"g = parse_grid({{'trace': ['tiny.tstrace'], 'gen_tokens': [200], 'steps': [20], 'batch': [2]}}, "
             f"base_dir=__import__('pathlib').Path({str(trace_dir)!r})); "
             f"run_sweep(g, {str(tmp_path / 'r.parquet')!r}, workers=1); "

@@ -15,14 +15,14 @@ from tiersim.cli import cli
 from tiersim.errors import TiersimError
 from tiersim.hw import gpu_suite
 from tiersim.hw.replay import ReplayConfig, Replayer, memory_need, plan_replay, reduced_model, replay
-from tiersim.hw.validate import ValidateConfig, check_trace_spec, validate
 from tiersim.policy import DDR, HBM, PolicyConfig
 from tiersim.sim import SimConfig, simulate
 from tiersim.sim.run import continuation_params
-from tiersim.sim.workload import build_workload
 from tiersim.specs import ModelSpec, hardware_spec, model_spec
 from tiersim.traces.format import read_trace, write_trace
 from tiersim.traces.synth import SynthParams, synth_request, write_synth_trace
+from tiersim.validate import ValidateConfig, check_trace_spec, validate
+from tiersim.workload.build import build_workload
 
 # float32 so that a position written into a key comes back exactly
 TINY = ModelSpec("tiny-val", layers=3, attention_heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128,

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import tiersim
 from tiersim.errors import TiersimError, TraceError
 from tiersim.fileio import write_json
 from tiersim.traces.format import Request, increments_length, page_offsets, read_trace, row_offset, write_trace
+from tiersim.version import __version__
 
 # Nothing in capture may wait on a hub: transformers reads these when it is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -637,7 +637,7 @@ def _prompt_hash(p: Prompt) -> str:
 
 
 def _manifest(source: ModelSource, config: CaptureConfig, prompts: Sequence[Prompt]) -> dict:
-    return {"format": "tiersim-capture-partial", "tool_version": tiersim.__version__,
+    return {"format": "tiersim-capture-partial", "tool_version": __version__,
             "model": source.fingerprint(), "config": config.to_dict(),
             "prompts": [_prompt_hash(p) for p in prompts]}
 
@@ -707,7 +707,7 @@ def versions() -> dict:
     """Versions and machine recorded in every captured trace."""
     import transformers
 
-    return {"tiersim": tiersim.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"tiersim": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "machine": platform.machine(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

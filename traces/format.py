@@ -31,9 +31,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-import tiersim
 from tiersim.errors import TraceError
 from tiersim.fileio import atomic_path
+from tiersim.version import __version__
 
 FORMAT_VERSION = 1
 MAGIC = b"TIERSIM\x00TRACE\x00\x00\x00"
@@ -379,7 +379,7 @@ def write_trace(path: str | os.PathLike, requests: Iterable[Request], *, model: 
                 entries.append(_write_request(f, where, req, increments_dtype))
             page_size, layers = pages or (None, None)
             header = {"format": "tiersim-trace", "format_version": FORMAT_VERSION,
-                      "tool_version": tiersim.__version__,
+                      "tool_version": __version__,
                       "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                       "model": model, "generation": generation, "increments_dtype": increments_dtype,
                       "page_size": page_size, "layers": layers, "metadata": metadata or {},
@@ -554,7 +554,7 @@ def read_trace(path: str | os.PathLike, *, verify_on_access: bool = True) -> Tra
             raise TraceError(f"{path}: truncated: {size} bytes, shorter than the {PREAMBLE_BYTES}-byte preamble")
         _, version, header_crc, header_offset, header_length, file_length = _PREAMBLE.unpack_from(pre)
         if version != FORMAT_VERSION:
-            raise TraceError(f"{path}: trace format version {version}; tiersim {tiersim.__version__}"
+            raise TraceError(f"{path}: trace format version {version}; tiersim {__version__}"
                              f" reads version {FORMAT_VERSION}")
         if size != file_length:
             tail = _read_at(f, size - TRAILER_BYTES, TRAILER_BYTES) if size >= PREAMBLE_BYTES + TRAILER_BYTES else b""

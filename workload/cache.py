@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-import tiersim
 from tiersim.fileio import write_json, write_npz
 from tiersim.policy import PolicyConfig, TierSchedule
 from tiersim.traces.format import Trace
 from tiersim.traces.synth import SynthParams
+from tiersim.version import __version__
 
 
 def cache_dir(kind: str = "schedules") -> Path | None:
@@ -65,7 +65,7 @@ def store_fit(key: str, params: SynthParams, report: dict) -> None:
 def entry_key(trace: Trace, index: int, policy: PolicyConfig, gen_tokens: int, seed: int, params: SynthParams) -> str:
     """A digest of everything the schedule of request `index` depends on."""
     ident = {
-        "version": tiersim.__version__,
+        "version": __version__,
         "request": trace.header["requests"][index],
         "model": trace.model.get("id"),
         "policy": policy.to_dict(),

@@ -10,10 +10,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tiersim import __version__
 from tiersim.errors import TiersimError
 from tiersim.fileio import dumps_json, write_json, write_npz
 from tiersim.policy import EVICTION_MODES, TIER_NAMES, PolicyConfig
+from tiersim.version import __version__
 
 # Wide tables stay readable when piped to a file or a CI log (rich assumes 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -323,7 +323,7 @@ def simulate(policy: PolicyConfig, json_out: str | None, out: Path | None, targe
 def write_simulation(result, out: Path) -> None:
     """summary.json, steps.csv and the PNG plots of one simulation, each written atomically."""
     from tiersim.fileio import atomic_path
-    from tiersim.sim.plots import write_plots
+    from tiersim.studies.plots import write_plots
 
     write_json(out / "summary.json", result.summary)
     with atomic_path(out / "steps.csv") as tmp:
@@ -423,10 +423,10 @@ def capture(model_name: str, gguf_file: str | None, prompts_file: Path | None, p
     console.print(f"wrote {out}")
 
 
-# -- search, scaling, advise: exploring the space (sim/search.py, sim/scaling.py) ---------------
+# -- search, scaling, advise: exploring the space (studies/search.py, studies/scaling.py) ---------------
 def simulate_search(cfg, target_overhead: float, search_strategy: bool, json_out: str | None, out: Path | None) -> None:
     """simulate --target-overhead: the β search, its frontier, and the chosen configuration's outputs."""
-    from tiersim.sim.search import search_hbm_ratio
+    from tiersim.studies.search import search_hbm_ratio
 
     found = search_hbm_ratio(cfg, target_overhead, search_strategy)
     if out is not None:
@@ -501,8 +501,8 @@ def scaling(models, hardware, batches, contexts, weights, strategies, paper, ste
     import pandas as pd
 
     from tiersim.fileio import atomic_path
-    from tiersim.sim.scaling import DEFAULT_MODELS, ScalingConfig, scaling_rows
     from tiersim.specs import hardware_spec, model_spec
+    from tiersim.studies.scaling import DEFAULT_MODELS, ScalingConfig, scaling_rows
 
     model_names = _csv(models) if models else list(DEFAULT_MODELS)
     hardware_names = _csv(hardware) if hardware else ["h200-sxm"]
@@ -567,7 +567,7 @@ def advise(model_name: str, hardware_name: str, gen_tokens: int, slo_ms: float |
            depth: int, trace: Path | None, pinned: bool, seed: int, reserve_frac: float, policy: PolicyConfig,
            json_out: str | None) -> None:
     """Which strategy and batch serve best: full, tiered, evict-only."""
-    from tiersim.sim.search import advise as run_advise
+    from tiersim.studies.search import advise as run_advise
 
     cfg = sim_config(policy, model_name=model_name, hardware_name=hardware_name, gen_tokens=gen_tokens, steps=steps,
                      depth=depth, trace=trace, pinned=pinned, seed=seed, reserve_frac=reserve_frac)
@@ -589,7 +589,7 @@ def advise(model_name: str, hardware_name: str, gen_tokens: int, slo_ms: float |
     console.print(a.verdict)
 
 
-# -- sweep and report: many simulations, one table (sim/sweep.py, sim/report.py) ----------------
+# -- sweep and report: many simulations, one table (studies/sweep.py, studies/report.py) ----------------
 @cli.command()
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False, path_type=Path), required=True, metavar="GRID.toml",
               help="Simulate options (dashes or underscores), each a list of values; relative paths start at the grid.")
@@ -605,7 +605,7 @@ def advise(model_name: str, hardware_name: str, gen_tokens: int, slo_ms: float |
 def sweep(grid_path: Path, engine: str, scheduler: str | None, workers: int | None, out: Path, resume: bool,
           json_out: str | None) -> None:
     """Run a grid of simulations on a process pool or Dask."""
-    from tiersim.sim.sweep import partial_dir, read_grid, run_sweep
+    from tiersim.studies.sweep import partial_dir, read_grid, run_sweep
 
     grid = read_grid(grid_path)
     try:
@@ -637,13 +637,13 @@ def sweep(grid_path: Path, engine: str, scheduler: str | None, workers: int | No
               help="report.md lists the largest HBM saving within this overhead per batch.")
 def report(results: Path, out: Path, budget_pct: float) -> None:
     """Plots and a Markdown summary of a sweep's results."""
-    from tiersim.sim.report import write_report
+    from tiersim.studies.report import write_report
 
     paths = write_report(results, out, budget_pct)
     console.print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
-# -- calibrate and validate: the hardware side (hw/microbench.py, calibration/fit.py, hw/validate.py) --
+# -- calibrate and validate: the hardware side (hw/microbench.py, calibration/fit.py, validate.py) --
 def _device_or_usage(device: str):
     """Resolve --device; a device that is not there is a usage error (exit status 2)."""
     from tiersim.hw.microbench import DeviceError, resolve_device
@@ -669,8 +669,8 @@ device_option = click.option("--device", default="cpu", show_default=True, metav
 @json_option
 def calibrate(device: str, out: Path, model_name: str | None, quick: bool, name: str | None, json_out: str | None) -> None:
     """Measure this machine and write a hardware profile."""
-    from tiersim.calibration.fit import calibrate as run_calibration
     from tiersim.calibration.fit import summary_rows
+    from tiersim.hw.calibrate import calibrate as run_calibration
     from tiersim.specs import model_spec
 
     dev = _device_or_usage(device)
@@ -720,9 +720,9 @@ def validate(device: str, model_name: str | None, trace: Path | None, profile_pa
              warm_start: bool, seed: int, any_model: bool, suite: bool, quick: bool, out: Path | None,
              policy: PolicyConfig, json_out: str | None) -> None:
     """Replay on the device; compare with the simulator."""
-    from tiersim.hw.validate import ValidateConfig, default_profile, load_trace, resolve_model, run_suite
-    from tiersim.hw.validate import validate as run_validation
     from tiersim.specs import hardware_spec
+    from tiersim.validate import ValidateConfig, default_profile, load_trace, resolve_model, run_suite
+    from tiersim.validate import validate as run_validation
 
     _device_or_usage(device)
     profile = hardware_spec(str(profile_path)) if profile_path is not None else default_profile(device)
@@ -868,5 +868,3 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-if __name__ == "__main__":
-    main()

@@ -23,6 +23,7 @@ import numpy as np
 from tiersim.errors import TiersimError
 from tiersim.policy import PolicyConfig
 from tiersim.specs import HardwareSpec, ModelSpec, model_spec
+from tiersim.specs.hardware import datasheet_for
 from tiersim.traces.format import Trace, read_trace
 
 SHAPE_KEYS = ("layers", "attention_heads", "kv_heads", "head_dim")
@@ -129,12 +130,11 @@ def resolve_model(name: str | None, trace: Trace) -> ModelSpec:
 
 def default_profile(device: str) -> HardwareSpec:
     """Without --profile: the built-in datasheet profile of the CUDA device; on CPU there is none."""
-    from tiersim.calibration.fit import _datasheet
     from tiersim.hw.microbench import device_info, resolve_device
 
     dev = resolve_device(device)
     info = device_info(dev)
-    sheet = _datasheet(info)
+    sheet = datasheet_for(info)
     if sheet is None:
         what = "this CPU" if dev.type == "cpu" else info["name"]
         raise TiersimError(f"no built-in profile for {what}; accepted: --profile FILE.toml "
@@ -145,7 +145,7 @@ def default_profile(device: str) -> HardwareSpec:
 def _workload(cfg: ValidateConfig, trace: Trace):
     """The batch's workload, built exactly as the simulator builds it (same function, same arguments)."""
     from tiersim.sim.run import continuation_params
-    from tiersim.sim.workload import build_workload
+    from tiersim.workload.build import build_workload
 
     steps = cfg.replay_config().decode_steps
     return build_workload(trace, cfg.policy, cfg.gen_tokens, cfg.batch, steps, cfg.seed, cfg.cold_start,
@@ -282,7 +282,7 @@ class Suite:
 def _tiny_model() -> ModelSpec:
     """A small dense model for quick CPU runs (8 heads of 64, GQA 4:1)."""
     return ModelSpec("tiny-cpu", layers=4, attention_heads=8, kv_heads=2, head_dim=64, hidden=512, intermediate=1536,
-                     vocab=4096, source="tiersim.hw.validate: quick-suite shapes")
+                     vocab=4096, source="tiersim.validate: quick-suite shapes")
 
 
 def suite_for(device: str, quick: bool) -> Suite:

@@ -27,8 +27,8 @@ from tiersim.errors import TiersimError
 from tiersim.policy import PolicyConfig
 from tiersim.sim.costs import GB
 from tiersim.sim.run import DEFAULT_RESERVE_FRAC, SimConfig, compressed_factor, simulate
-from tiersim.sim.workload import COL, Workload
 from tiersim.specs import HardwareSpec, ModelSpec, model_spec
+from tiersim.workload.build import COL, Workload
 
 SCALING_STRATEGIES = ("evict-only", "prefetch-sync", "prefetch-layer", "cpu-attention")
 WEIGHT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 
 from tiersim.errors import TiersimError  # noqa: E402
 from tiersim.fileio import atomic_path  # noqa: E402
-from tiersim.sim.sweep import DEFAULTS, STATUS_OK, file_version, read_results_table  # noqa: E402
+from tiersim.studies.sweep import DEFAULTS, STATUS_OK, file_version, read_results_table  # noqa: E402
 
 REQUIRED = ("model_name", "hardware_name", "batch", "strategy", "hbm_ratio", "evict_ratio", "overhead_pct",
             "hbm_saved_gb", "hbm_peak_gb", "hbm_peak_gb_full", "hbm_capacity_gb", "fits")

@@ -18,9 +18,9 @@ import numpy as np
 
 from tiersim.errors import TiersimError
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, PolicyConfig, TierSchedule, replay
-from tiersim.sim import cache
 from tiersim.traces.format import Trace
 from tiersim.traces.synth import ExtendedRequest, SynthParams
+from tiersim.workload import cache
 
 # Columns of a request table (and of the batch totals).
 COLUMNS = (

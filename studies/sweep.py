@@ -9,7 +9,7 @@ one-row parquet part in a hidden `.RESULTS.partial/` folder beside RESULTS; at t
 (and, on resume, the rows already in RESULTS) are merged into RESULTS atomically. An interrupted
 sweep so loses at most the points in flight, and `resume=True` skips every point that has an
 `ok` row already (failed points are retried). One point per distinct policy replay runs first, so
-that the schedule cache (sim/cache.py) serves the rest.
+that the schedule cache (workload/cache.py) serves the rest.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tiersim import __version__
 from tiersim.errors import TiersimError
 from tiersim.fileio import atomic_path
 from tiersim.policy import PolicyConfig
 from tiersim.sim.run import SimConfig, simulate
 from tiersim.specs import MODELS, hardware_names, hardware_spec, model_spec
+from tiersim.version import __version__
 
 ENGINES = ("local", "dask")
 # The simulate command's defaults for the two options SimConfig takes resolved (tests/test_sweep.py
@@ -513,7 +513,7 @@ def schedule_phases(points: list[Point]) -> list[list[int]]:
     """Indices in two phases: one point per distinct policy replay first, then the rest.
 
     The TierSchedules of a point depend only on its trace, policy, generated length and seed, and
-    the schedule cache (sim/cache.py) shares them between workers; running one leader per replay
+    the schedule cache (workload/cache.py) shares them between workers; running one leader per replay
     first keeps two workers from replaying the same schedules at once on a cold cache.
     """
     groups: dict[tuple, list[int]] = {}

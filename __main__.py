@@ -1,0 +1,5 @@
+"""`python -m tiersim`: the command line."""
+
+from tiersim.cli import main
+
+main()

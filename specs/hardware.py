@@ -1,0 +1,174 @@
+"""What a model and a GPU are, as numbers: ModelSpec (built-in table or any HF config.json) and
+HardwareSpec (TOML profiles in calibration/profiles/, every number with its source).
+
+Units: GB = 1e9 bytes, GB/s = 1e9 B/s, TFLOP/s = 1e12 FLOP/s, everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from tiersim.errors import SpecError
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+# ---------------------------------------------------------------------------------------------
+
+_TEXT_FIELDS = ("name", "description", "link")
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareSpec:
+    """One GPU, its host link and its host: capacities, bandwidths, FLOP rates and fixed costs."""
+
+    name: str
+    description: str
+    link: str
+    hbm_gb: float
+    hbm_gbps_spec: float
+    hbm_gbps_effective: float
+    bf16_tflops_spec: float  # dense, no sparsity
+    bf16_tflops_effective: float
+    h2d_gbps_pinned: float
+    d2h_gbps_pinned: float
+    h2d_gbps_pageable: float
+    d2h_gbps_pageable: float
+    copy_latency_us: float  # fixed cost of one cudaMemcpyAsync
+    duplex_factor: float  # share of one-direction bandwidth each direction keeps while both copy
+    ddr_gb: float
+    ddr_gbps: float  # host memory bandwidth available to host-side attention
+    launch_us: float  # kernel launches and other fixed cost per layer
+    sources: dict[str, str] = field(default_factory=dict)  # numeric field -> where its number comes from
+    path: str = ""  # the profile it was loaded from
+
+    def __post_init__(self):
+        where = self.path or f"hardware {self.name!r}"
+        for key in _TEXT_FIELDS:
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise SpecError(f"{where}: field '{key}' is {getattr(self, key)!r}; accepted: a non-empty string")
+        for key in hardware_numeric_fields():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise SpecError(f"{where}: field '{key}' is {value!r}; accepted: a finite number > 0")
+        if self.duplex_factor > 1:
+            raise SpecError(f"{where}: field 'duplex_factor' is {self.duplex_factor!r}; "
+                            "accepted: 0 < duplex_factor <= 1")
+        for measured, spec in (("hbm_gbps_effective", "hbm_gbps_spec"), ("bf16_tflops_effective", "bf16_tflops_spec")):
+            if getattr(self, measured) > getattr(self, spec):
+                raise SpecError(f"{where}: field '{measured}' = {getattr(self, measured)} exceeds {spec} = "
+                                f"{getattr(self, spec)}; accepted: effective <= spec")
+        for key in self.sources:
+            if key not in hardware_numeric_fields():
+                raise SpecError(f"{where}: sources names unknown field '{key}'; "
+                                f"accepted: {', '.join(hardware_numeric_fields())}")
+
+    def h2d_gbps(self, pinned: bool) -> float:
+        """Host-to-device bandwidth in GB/s from pinned or pageable host memory."""
+        return self.h2d_gbps_pinned if pinned else self.h2d_gbps_pageable
+
+    def d2h_gbps(self, pinned: bool) -> float:
+        """Device-to-host bandwidth in GB/s into pinned or pageable host memory."""
+        return self.d2h_gbps_pinned if pinned else self.d2h_gbps_pageable
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field with its value, plus sources; HardwareSpec(**d) rebuilds it."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["sources"] = dict(self.sources)
+        return d
+
+    def to_toml(self) -> str:
+        """The profile file that loads back to this spec (a number without a source gets 'unknown')."""
+        lines = [f"{key} = {json.dumps(getattr(self, key))}" for key in _TEXT_FIELDS]
+        for key in hardware_numeric_fields():
+            source = self.sources.get(key, "unknown")
+            lines.append(f"{key} = {{ value = {float(getattr(self, key))!r}, source = {json.dumps(source)} }}")
+        return "\n".join(lines) + "\n"
+
+
+def hardware_numeric_fields() -> tuple[str, ...]:
+    """Names of the numeric fields of a hardware profile, each given as { value, source }."""
+    skip = _TEXT_FIELDS + ("sources", "path")
+    return tuple(f.name for f in dataclasses.fields(HardwareSpec) if f.name not in skip)
+
+
+def _profiles_dir():
+    return files("tiersim.calibration") / "profiles"
+
+
+def hardware_names() -> list[str]:
+    """Names of the built-in hardware profiles."""
+    return sorted(p.name.removesuffix(".toml") for p in _profiles_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def hardware_spec(name_or_path: str | Path) -> HardwareSpec:
+    """A built-in hardware profile by name, or a profile TOML file by path."""
+    if isinstance(name_or_path, str) and name_or_path in hardware_names():
+        profile = _profiles_dir() / f"{name_or_path}.toml"
+        return _parse_profile(profile.read_text(), str(profile))
+    path = Path(name_or_path)
+    if not (path.exists() or path.suffix == ".toml" or len(path.parts) > 1):
+        raise SpecError(f"unknown hardware {str(name_or_path)!r}; accepted: a profile .toml path or one of "
+                        f"{', '.join(hardware_names())}")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file; accepted: a hardware profile .toml") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read ({e}); accepted: a readable hardware profile .toml") from None
+    return _parse_profile(text, str(path))
+
+
+def _parse_profile(text: str, where: str) -> HardwareSpec:
+    """Check a profile's TOML text field by field; every numeric field is { value = N, source = "..." }."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{where}: invalid TOML ({e}); accepted: a hardware profile .toml") from None
+    numeric = hardware_numeric_fields()
+    accepted = _TEXT_FIELDS + numeric
+    for key in data:
+        if key not in accepted:
+            raise SpecError(f"{where}: unknown field '{key}'; accepted: {', '.join(accepted)}")
+    for key in accepted:
+        if key not in data:
+            raise SpecError(f"{where}: field '{key}' is missing; accepted fields: {', '.join(accepted)}")
+    for key in _TEXT_FIELDS:
+        if not isinstance(data[key], str) or not data[key]:
+            raise SpecError(f"{where}: field '{key}' is {data[key]!r}; accepted: a non-empty string")
+    form = '{ value = <number>, source = "<citation | measured: ... | assumption: ...>" }'
+    values, sources = {}, {}
+    for key in numeric:
+        entry = data[key]
+        if not isinstance(entry, dict) or set(entry) - {"value", "source"} or "value" not in entry:
+            raise SpecError(f"{where}: field '{key}' is {entry!r}; accepted: {form}")
+        value, source = entry["value"], entry.get("source")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where}: field '{key}' value is {value!r}; accepted: a number")
+        if not isinstance(source, str) or not source.strip():
+            raise SpecError(f"{where}: field '{key}' has no source; accepted: {form}")
+        values[key], sources[key] = float(value), source
+    return HardwareSpec(**{k: data[k] for k in _TEXT_FIELDS}, **values, sources=sources, path=where)
+
+
+# Device names (as the driver reports them) to the built-in datasheet profile of that GPU.
+DATASHEETS = ((r"GH200", "gh200"), (r"H200", "h200-sxm"), (r"H100.*PCIe", "h100-pcie"), (r"H100", "h100-sxm"),
+              (r"A100", "a100-80g-sxm"), (r"B200", "b200"), (r"L40S", "l40s"), (r"4090", "rtx4090"),
+              (r"5080", "rtx5080"))
+
+
+def datasheet_for(device: dict) -> HardwareSpec | None:
+    """The built-in datasheet profile of a CUDA device ({"kind", "name"} as hw.microbench reports it), or None."""
+    if device.get("kind") != "cuda":
+        return None
+    for pattern, name in DATASHEETS:
+        if re.search(pattern, device["name"], re.IGNORECASE):
+            return hardware_spec(name)
+    return None
