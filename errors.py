@@ -15,3 +15,11 @@ class TraceError(TiersimError):
 
 class PolicyError(TiersimError):
     """A policy configuration or policy input outside what the method defines."""
+
+
+class ConfigError(TiersimError):
+    """A configuration field outside what is accepted; `field` names it so the CLI can name the flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
