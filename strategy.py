@@ -1,6 +1,6 @@
 """The decode-time strategies and what each one implies, in one record.
 
-Code asks the record (`STRATEGIES[name].tiered`), it does not compare names. The simulator
+Code asks the record (`STRATEGIES[name].keeps_ddr`), it does not compare names. The simulator
 (sim/), the replay (hw/), the studies and the CLI all read the same table.
 """
 
@@ -29,15 +29,30 @@ class Strategy:
         return self.fetch in ("per-layer", "all-layers")
 
     @property
+    def fetches_per_layer(self) -> bool:
+        """Each layer's DDR-tier KV is copied `depth` layers ahead on a copy stream, overlapping compute."""
+        return self.fetch == "per-layer"
+
+    @property
+    def fetches_before_forward(self) -> bool:
+        """Every layer's DDR-tier KV is copied back, synchronously, before the forward pass."""
+        return self.fetch == "all-layers"
+
+    @property
+    def host_attends(self) -> bool:
+        """The host attends over the DDR tier; only queries and partial results cross the link."""
+        return self.fetch == "host"
+
+    @property
     def lossy(self) -> bool:
         """Attention to DDR-tier tokens is lost (they are never attended again)."""
         return self.applies_policy and not self.keeps_ddr
 
     def staging_buffers(self, depth: int, layers: int) -> int:
         """Per-layer staging buffers held in HBM: depth + 1 for per-layer prefetch, one per layer for sync."""
-        if self.fetch == "per-layer":
+        if self.fetches_per_layer:
             return depth + 1
-        if self.fetch == "all-layers":
+        if self.fetches_before_forward:
             return layers
         return 0
 
@@ -55,6 +70,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 )}
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
+BASELINE: Strategy = STRATEGIES["full"]  # what every tiered run is compared against
 
 
 def get_strategy(name: str | Strategy, field: str = "strategy", accepted: tuple[str, ...] = STRATEGY_NAMES) -> Strategy:

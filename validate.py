@@ -4,7 +4,8 @@
 for `full`, runs the simulator (tiersim.sim.simulate) on exactly the same inputs — model (cut to
 `layers`), trace, batch, generated tokens, steps, policy, strategy, depth, seed, cold start, pinned —
 with the hardware profile, and reports measured and predicted step time and overhead with their
-errors. `run_suite` does that for a fixed list of configurations and summarises the errors.
+errors. `run_suite` does that for a fixed list of configurations and summarises the errors
+(`summarize_errors`, `error_table`). hw/ only measures; every comparison lives here.
 
 Errors: step_error_pct = 100 · (predicted − measured) / measured; overhead_error_pts = predicted −
 measured overhead, in percentage points; overhead = 100 · (step / full step − 1).
@@ -15,55 +16,67 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from tiersim import check
 from tiersim.errors import TiersimError
+from tiersim.hw.config import REPLAY_STRATEGIES, ReplayConfig, reduced_model, replayable
+from tiersim.hw.device import device_info as describe_device
+from tiersim.hw.device import resolve_device
+from tiersim.hw.replay import ReplayResult, replay
 from tiersim.policy import PolicyConfig
-from tiersim.specs import HardwareSpec, ModelSpec, model_spec
+from tiersim.sim import SimConfig, simulate
+from tiersim.specs import HardwareSpec, ModelSpec, hardware_spec, model_spec
 from tiersim.specs.hardware import datasheet_for
+from tiersim.strategy import BASELINE
+from tiersim.traces.default import default_trace_path
 from tiersim.traces.format import Trace, read_trace
+from tiersim.traces.synth import SynthParams, write_synth_trace
+from tiersim.workload.config import RunConfig
+from tiersim.workload.demand import run_workload
 
 SHAPE_KEYS = ("layers", "attention_heads", "kv_heads", "head_dim")
 
 
-@dataclass(frozen=True, slots=True)
-class ValidateConfig:
-    """One configuration to replay and simulate."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidateConfig(RunConfig):
+    """One configuration to replay and simulate: the shared run inputs (the whole model; `layers` cuts it), the
+    hardware profile the simulator predicts with, and the device the replay measures on."""
 
-    model: ModelSpec  # the whole model; `layers` cuts it
-    profile: HardwareSpec
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    device: str = "cpu"
-    trace: Path | None = None  # None: the embedded default trace
-    strategy: str = "prefetch-layer"
-    depth: int = 2
+    ACCEPTED_STRATEGIES: ClassVar[tuple[str, ...]] = REPLAY_STRATEGIES
+
+    profile: HardwareSpec  # a profile name or TOML path is resolved here
     batch: int = 8
     gen_tokens: int = 512
-    steps: int | None = None
-    layers: int | None = None  # replay (and simulate) only the first N layers
     cold_start: bool = True
-    pinned: bool = True
-    seed: int = 0
+    layers: int | None = None  # replay (and simulate) only the first N layers
+    device: str = "cpu"
     warmup_steps: int = 2
     any_model: bool = False  # allow a captured trace to drive another model's shapes
 
-    def replay_config(self):
-        """The ReplayConfig of this configuration (model cut to `layers`)."""
-        from tiersim.hw.replay import ReplayConfig, reduced_model
+    def __post_init__(self) -> None:
+        replayable(self.strategy)  # the replay's own refusal, before RunConfig's generic one
+        RunConfig.__post_init__(self)  # explicit: zero-argument super() fails in a slots dataclass
+        if isinstance(self.profile, str | Path):
+            object.__setattr__(self, "profile", hardware_spec(str(self.profile)))
+        if not isinstance(self.profile, HardwareSpec):
+            raise check.ConfigError("profile", f"profile must be a profile name, a TOML path or a HardwareSpec, got "
+                                               f"{type(self.profile).__name__}")
+        self.replay_config()  # everything the replay refuses (layers, depth, compressed tier) is refused here
 
-        return ReplayConfig(model=reduced_model(self.model, self.layers), policy=self.policy, strategy=self.strategy,
-                            depth=self.depth, batch=self.batch, gen_tokens=self.gen_tokens, steps=self.steps,
-                            cold_start=self.cold_start, pinned=self.pinned, seed=self.seed, device=self.device,
-                            warmup_steps=self.warmup_steps)
+    def replay_config(self, strategy: str | None = None) -> ReplayConfig:
+        """The ReplayConfig of this configuration (model cut to `layers`), optionally for another strategy."""
+        return ReplayConfig(model=reduced_model(self.model, self.layers), policy=self.policy, trace=self.trace,
+                            strategy=strategy or self.strategy, depth=self.depth, batch=self.batch,
+                            gen_tokens=self.gen_tokens, steps=self.steps, cold_start=self.cold_start,
+                            pinned=self.pinned, seed=self.seed, device=self.device, warmup_steps=self.warmup_steps)
 
-    def sim_config(self, model: ModelSpec | None = None, strategy: str | None = None):
+    def sim_config(self, model: ModelSpec | None = None, strategy: str | None = None) -> SimConfig:
         """The SimConfig of the same inputs."""
-        from tiersim.hw.replay import reduced_model
-        from tiersim.sim import SimConfig
-
         return SimConfig(model=model or reduced_model(self.model, self.layers), hardware=self.profile,
                          policy=self.policy, trace=self.trace, strategy=strategy or self.strategy, depth=self.depth,
                          batch=self.batch, gen_tokens=self.gen_tokens, steps=self.steps, cold_start=self.cold_start,
@@ -75,17 +88,13 @@ class ValidateConfig:
                 "model_layers": self.model.layers, "profile": self.profile.name, "profile_path": self.profile.path,
                 "policy": self.policy.to_dict(), "trace": str(self.trace) if self.trace else None,
                 "strategy": self.strategy, "depth": self.depth, "batch": self.batch, "gen_tokens": self.gen_tokens,
-                "steps": self.steps if self.steps is not None else self.gen_tokens, "cold_start": self.cold_start,
-                "pinned": self.pinned, "seed": self.seed, "device": self.device}
+                "steps": self.decode_steps, "cold_start": self.cold_start, "pinned": self.pinned, "seed": self.seed,
+                "device": self.device}
 
 
 def load_trace(path: Path | None) -> Trace:
     """The trace at `path`, or the embedded default one."""
-    if path is None:
-        from tiersim.traces.default import default_trace_path
-
-        path = default_trace_path()
-    return read_trace(path)
+    return read_trace(default_trace_path() if path is None else path)
 
 
 def trace_model(trace: Trace) -> ModelSpec | None:
@@ -130,10 +139,8 @@ def resolve_model(name: str | None, trace: Trace) -> ModelSpec:
 
 def default_profile(device: str) -> HardwareSpec:
     """Without --profile: the built-in datasheet profile of the CUDA device; on CPU there is none."""
-    from tiersim.hw.microbench import device_info, resolve_device
-
     dev = resolve_device(device)
-    info = device_info(dev)
+    info = describe_device(dev)
     sheet = datasheet_for(info)
     if sheet is None:
         what = "this CPU" if dev.type == "cpu" else info["name"]
@@ -142,55 +149,48 @@ def default_profile(device: str) -> HardwareSpec:
     return sheet
 
 
-def _workload(cfg: ValidateConfig, trace: Trace):
-    """The batch's workload, built exactly as the simulator builds it (same function, same arguments)."""
-    from tiersim.sim.run import continuation_params
-    from tiersim.workload.build import build_workload
-
-    steps = cfg.replay_config().decode_steps
-    return build_workload(trace, cfg.policy, cfg.gen_tokens, cfg.batch, steps, cfg.seed, cfg.cold_start,
-                          continuation_params(trace), workers=1)
+def measure(cfg: ValidateConfig, trace: Trace, strategy: str | None = None) -> ReplayResult:
+    """Replay one strategy of the configuration on the device, over the batch's workload built exactly as the
+    simulator builds it (same function, same arguments)."""
+    rc = cfg.replay_config(strategy)
+    return replay(rc, run_workload(rc, trace, workers=1))
 
 
-def measure(cfg: ValidateConfig, trace: Trace, strategy: str | None = None):
-    """Replay one strategy of the configuration on the device; a ReplayResult."""
-    from tiersim.hw.replay import replay
-
-    c = dataclasses.replace(cfg, strategy=strategy) if strategy else cfg
-    return replay(c.replay_config(), _workload(c, trace))
-
-
-def validate(cfg: ValidateConfig, trace: Trace | None = None, full=None, device_info: dict | None = None) -> dict:
+def validate(cfg: ValidateConfig, trace: Trace | None = None, full: ReplayResult | None = None,
+             device_info: dict | None = None) -> dict:
     """Replay the strategy and `full`, simulate both, and report measured vs predicted (see the module doc).
 
     `full` is a ReplayResult of `full` to reuse (the suite shares one per batch size).
     """
-    from tiersim.hw.microbench import device_info as info_of
-    from tiersim.hw.microbench import resolve_device
-    from tiersim.sim import simulate
-
-    dev = resolve_device(cfg.device)
-    info = device_info or info_of(dev)
+    info = device_info or describe_device(resolve_device(cfg.device))
     trace = trace if trace is not None else load_trace(cfg.trace)
     if cfg.trace is None:
         cfg = dataclasses.replace(cfg, trace=Path(trace.path))
     check_trace_spec(trace, cfg.model, cfg.any_model)
-    cfg.replay_config()  # refuse bad combinations before any work
     wall = time.perf_counter()
     load_before = _loadavg()
     measured = measure(cfg, trace)
-    if cfg.strategy == "full":
+    if not cfg.strategy_record.applies_policy:
         full = measured
     elif full is None:
-        full = measure(cfg, trace, "full")
+        full = measure(cfg, trace, BASELINE.name)
     sim = simulate(cfg.sim_config(), trace=trace, workers=1).summary
+    report = {"device": {k: info[k] for k in ("kind", "name", "label", "driver", "torch", "host", "date")},
+              "config": cfg.describe(), **compare(measured, full, sim), "replay": measured.summary(),
+              "replay_full": full.summary(), "load_average": [load_before, _loadavg()]}
+    if cfg.layers is not None and cfg.layers < cfg.model.layers:
+        report.update(_scaled(cfg, trace, measured, full))
+    report["wall_s"] = time.perf_counter() - wall
+    report["steps_measured_ms"] = (measured.step_s * 1e3).round(4).tolist()
+    return report
+
+
+def compare(measured: ReplayResult, full: ReplayResult, sim: dict) -> dict:
+    """Measured (two replays: the strategy and `full`) against predicted (a simulator summary), with the errors."""
     m_step, m_full = float(measured.step_s.mean() * 1e3), float(full.step_s.mean() * 1e3)
     p_step, p_full = sim["step_ms_mean"], sim["step_ms_full_mean"]
     m_over, p_over = 100.0 * (m_step / m_full - 1.0), sim["overhead_pct"]
-    report = {
-        "device": {"kind": info["kind"], "name": info["name"], "label": info["label"], "driver": info["driver"],
-                   "torch": info["torch"], "host": info["host"], "date": info["date"]},
-        "config": cfg.describe(),
+    return {
         "measured_step_ms": m_step,
         "predicted_step_ms": p_step,
         "step_error_pct": _pct(p_step, m_step),
@@ -210,18 +210,10 @@ def validate(cfg: ValidateConfig, trace: Trace | None = None, full=None, device_
         "predicted_h2d_gb_per_step": sim["h2d_gb_per_step"],
         "d2h_gb_per_step": float(measured.d2h_bytes.mean() / 1e9),
         "predicted_d2h_gb_per_step": sim["d2h_gb_per_step"],
-        "replay": measured.summary(),
-        "replay_full": full.summary(),
-        "load_average": [load_before, _loadavg()],
     }
-    if cfg.layers is not None and cfg.layers < cfg.model.layers:
-        report.update(_scaled(cfg, trace, measured, full, simulate))
-    report["wall_s"] = time.perf_counter() - wall
-    report["steps_measured_ms"] = (measured.step_s * 1e3).round(4).tolist()
-    return report
 
 
-def _scaled(cfg: ValidateConfig, trace: Trace, measured, full, simulate) -> dict:
+def _scaled(cfg: ValidateConfig, trace: Trace, measured: ReplayResult, full: ReplayResult) -> dict:
     """The whole model, estimated: the replayed layers' time x (model layers / replayed layers) + the head,
     next to the simulator's prediction for all layers."""
     scale = cfg.model.layers / cfg.layers
@@ -304,8 +296,6 @@ def suite_for(device: str, quick: bool) -> Suite:
 
 def suite_trace(suite: Suite, folder: Path) -> Path:
     """Write (or reuse) the suite's synthetic trace: every request has the same prompt length (lockstep batches)."""
-    from tiersim.traces.synth import SynthParams, write_synth_trace
-
     path = Path(folder) / f"suite-{suite.requests}x{suite.prompt_tokens}+{suite.gen_tokens}.tstrace"
     if not path.exists():
         write_synth_trace(path, SynthParams(), suite.requests, suite.prompt_tokens, suite.gen_tokens, seed=0)
@@ -321,10 +311,7 @@ def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = Fa
     Stops starting new configurations once `budget_s` seconds are spent (they are listed as skipped).
     """
     share_full = quick if share_full is None else share_full
-    from tiersim.hw.microbench import device_info, resolve_device
-
-    dev = resolve_device(device)
-    info = device_info(dev)
+    info = describe_device(resolve_device(device))
     suite = suite_for(device, quick)
     folder = Path(folder)  # for the suite's synthetic trace (made again from its seed when missing)
     folder.mkdir(parents=True, exist_ok=True)
@@ -340,7 +327,7 @@ def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = Fa
                              device=device, trace=trace_path, strategy=strategy, batch=batch,
                              gen_tokens=suite.gen_tokens, steps=suite.steps, layers=suite.layers)
         if batch not in fulls or not share_full:
-            fulls[batch] = measure(cfg, trace, "full")
+            fulls[batch] = measure(cfg, trace, BASELINE.name)
         r = validate(cfg, trace, full=fulls[batch], device_info=info)
         reports.append(r)
         if progress is not None:
@@ -374,3 +361,21 @@ def summarize_errors(reports: list[dict]) -> dict:
         "full_step_error_pct_median_abs": float(np.median(np.abs(full))),
         "measured_step_cv_median": float(np.median(cv)),
     }
+
+
+def error_table(suite: dict) -> str:
+    """A suite's errors (a `run_suite` result) as a Markdown table and a one-line summary."""
+    lines = ["| strategy | batch | β | measured ms | predicted ms | step error % | measured overhead % | "
+             "predicted overhead % | overhead error pts |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in suite["configs"]:
+        c = r["config"]
+        lines.append(f"| {c['strategy']} | {c['batch']} | {c['policy']['hbm_ratio']} | {r['measured_step_ms']:.3f} | "
+                     f"{r['predicted_step_ms']:.3f} | {r['step_error_pct']:+.1f} | {r['measured_overhead_pct']:+.1f} | "
+                     f"{r['predicted_overhead_pct']:+.1f} | {r['overhead_error_pts']:+.1f} |")
+    s = suite["summary"]
+    if s.get("configurations"):
+        lines.append("")
+        lines.append(f"Median |step error| {s['step_error_pct_median_abs']:.1f}%, worst {s['step_error_pct_worst_abs']:.1f}%;"
+                     f" median |overhead error| {s['overhead_error_pts_median_abs']:.1f} pts, worst "
+                     f"{s['overhead_error_pts_worst_abs']:.1f} pts; median step-time CV {s['measured_step_cv_median']:.2f}.")
+    return "\n".join(lines)

@@ -27,15 +27,9 @@ from pathlib import Path
 
 import torch
 
-from tiersim.traces.capture import (
-    SMOLLM2,
-    CaptureConfig,
-    capture_batch,
-    encode_prompts,
-    load_model,
-    read_prompts,
-    resolve_model,
-)
+from tiersim.traces.capture_loop import CaptureConfig, capture_batch
+from tiersim.traces.capture_prompts import read_prompts
+from tiersim.traces.hf import SMOLLM2, encode_prompts, load_model, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "traces" / "prompts" / "gsm16.jsonl"
@@ -44,8 +38,7 @@ SYSTEM = "Solve the math problem step by step. End with: The answer is N."
 
 def setup(n_requests: int):
     loaded = load_model(resolve_model(SMOLLM2))
-    config = CaptureConfig(max_new_tokens=8, system=SYSTEM)
-    ids = encode_prompts(loaded.tokenizer, read_prompts(PROMPTS)[:n_requests], config)
+    ids = encode_prompts(loaded.tokenizer, read_prompts(PROMPTS)[:n_requests], system=SYSTEM)
     return loaded, ids
 
 

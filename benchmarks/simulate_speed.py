@@ -19,12 +19,12 @@ import tempfile
 import time
 
 from tiersim.sim import SimConfig, simulate
-from tiersim.specs import hardware_spec, model_spec
+from tiersim.workload.cache import cache_info
 
 
 def run(trace, cache: str, **kw) -> tuple[float, int]:
     os.environ["TIERSIM_CACHE_DIR"] = cache
-    cfg = SimConfig(model=model_spec("r1-qwen-14b"), hardware=hardware_spec("h200-sxm"), trace=trace, **kw)
+    cfg = SimConfig(model="r1-qwen-14b", hardware="h200-sxm", trace=trace, **kw)
     start = time.perf_counter()
     s = simulate(cfg).summary
     return time.perf_counter() - start, s["sim_events"]
@@ -44,9 +44,11 @@ def main() -> None:
                 cold = run(trace, empty, **kw)
             run(trace, cache, **kw)  # fill the shared cache
             rows[name] = (cold, run(trace, cache, **kw))
+        info = cache_info()  # the shared store, filled by the three cases
     print(f"{'case':<34} {'cold s':>7} {'warm s':>7} {'events':>10} {'events/s warm':>14}")
     for name, ((cold_s, events), (warm_s, _)) in rows.items():
         print(f"{name:<34} {cold_s:>7.2f} {warm_s:>7.2f} {events:>10,} {events / warm_s:>14,.0f}")
+    print(f"schedule cache: {info['entries']} entries, {info['bytes'] / 1e6:.1f} MB of {info['limit'] / 1e9:g} GB")
     base = rows["default (batch 256, 4096 tokens)"]
     print(f"default run: {base[0][0]:.2f} s cold, {base[1][0]:.2f} s warm (target < 10 s)")
     for name, target in (("batch 1024", 1.5), ("8192 tokens", 2.2)):

@@ -25,10 +25,13 @@ import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
 from tiersim.errors import TiersimError
+from tiersim.fileio import atomic_path, write_json
 from tiersim.specs import HardwareSpec, ModelSpec
 from tiersim.specs.hardware import datasheet_for
 
 GB = 1e9
+
+
 @dataclass(frozen=True, slots=True)
 class LinkFit:
     """latency + bytes / bandwidth, and how well it fits."""
@@ -268,8 +271,6 @@ class Calibration:
 
     def write(self, toml_path: str | Path, raw_path: str | Path | None = None) -> tuple[Path, Path]:
         """Write the profile TOML and the raw JSON atomically; return both paths."""
-        from tiersim.fileio import atomic_path, write_json
-
         toml_path = Path(toml_path)
         raw_path = Path(raw_path) if raw_path else toml_path.with_suffix(".raw.json")
         header = (f"# {self.profile.description}\n# Written by `tiersim calibrate`; raw measurements and fits in "

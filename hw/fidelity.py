@@ -13,7 +13,7 @@ compared with the reference:
   both sides). Up to the first divergence the free-running decode already has that context, so a
   second, teacher-forced decode runs only for cells that diverge.
 - `accuracy`: share of prompts with an answer whose output's final number (after the last
-  "answer is", else the last number; traces.capture.extract_answer) equals it.
+  "answer is", else the last number; traces.capture_prompts.extract_answer) equals it.
 - `bit_identical_to_full`: every logit of every step equal (torch.equal) to the reference's.
 - `hbm_share`, `ddr_share`, `compressed_share`, `evicted_share`: measured from the cache's stores
   at the end of each generation, as shares of all positions (prompt included), averaged over prompts.
@@ -43,7 +43,8 @@ from tiersim.policy import PolicyConfig
 if TYPE_CHECKING:  # torch and transformers load only when a grid runs: the CLI imports this module for its defaults
     import torch
 
-    from tiersim.traces.capture import LoadedModel, Prompt
+    from tiersim.traces.capture_prompts import Prompt
+    from tiersim.traces.hf import LoadedModel
 
 SYSTEM = "Solve the math problem step by step. End with: The answer is N."
 KL_MODE = "teacher-forced on the full-cache tokens"
@@ -215,12 +216,9 @@ def _run_cell(model: Any, ids: list[int], ref: _Reference, policy: PolicyConfig,
 
 
 def _answer_ok(tokenizer: Any, tokens: list[int], prompt: Prompt) -> bool | None:
-    from tiersim.traces.capture import extract_answer
+    from tiersim.traces.capture_prompts import answer_correct
 
-    if prompt.answer is None:
-        return None
-    got = extract_answer(tokenizer.decode(tokens, skip_special_tokens=True))
-    return got is not None and math.isclose(got, prompt.answer, rel_tol=1e-9, abs_tol=1e-9)
+    return answer_correct(tokenizer.decode(tokens, skip_special_tokens=True), prompt.answer)[1]
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -259,16 +257,17 @@ def _prompt_result(prompt: Prompt, run: _Run, ref: _Reference, kl: float, d: int
 def run_fidelity(loaded: LoadedModel, prompts: Sequence[Prompt], config: FidelityConfig,
                  progress: Callable[[str], None] | None = None) -> dict:
     """Decode every prompt with the full cache and with every grid cell's TieredCache; the report as a dict."""
-    from tiersim.traces.capture import CaptureConfig, _eos_ids, encode_prompts, extract_answer, versions
+    from tiersim.traces.capture_prompts import extract_answer
+    from tiersim.traces.hf import encode_prompts, eos_ids, versions
 
     prompts = list(prompts)[: config.num_prompts]
     if not prompts:
         raise TiersimError("no prompts to run")
-    capture_cfg = CaptureConfig(max_new_tokens=config.max_new_tokens, system=config.system,
-                                chat_template=config.chat_template)
-    encoded = encode_prompts(loaded.tokenizer, prompts, capture_cfg)
+    if config.system is not None and not config.chat_template:
+        raise TiersimError("--system needs the chat template (drop --no-chat-template)")
+    encoded = encode_prompts(loaded.tokenizer, prompts, chat_template=config.chat_template, system=config.system)
     model, tok = loaded.model, loaded.tokenizer
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     t_start = time.perf_counter()
     cells = {(b, r): [] for r in config.evict_ratios for b in config.hbm_ratios}
     full = []
@@ -303,7 +302,8 @@ def fidelity(model: str | os.PathLike, config: FidelityConfig, prompts_path: str
              gguf_file: str | None = None, device: str = "cpu",
              progress: Callable[[str], None] | None = None) -> dict:
     """Resolve and load the model (local files only), read the prompts, run the grid; every input checked first."""
-    from tiersim.traces.capture import load_model, read_prompts, resolve_model
+    from tiersim.traces.capture_prompts import read_prompts
+    from tiersim.traces.hf import load_model, resolve_model
 
     prompts = read_prompts(prompts_path if prompts_path is not None else default_prompts_path())
     source = resolve_model(model, gguf_file)

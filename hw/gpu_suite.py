@@ -1,6 +1,6 @@
 """All GPU work in one entry: calibrate, the validate suite, the TieredCache exactness check, under one folder.
 
-    python -m tiersim.hw.gpu_suite --out DIR [--device cuda|cpu] [--quick]
+    python -m tiersim.hw.gpu_suite --out DIR [--device cpu|cuda|cuda:N] [--quick] [--budget-s SECONDS]
 
 Writes DIR/profile.toml (+ profile.raw.json), DIR/validate_suite.json, DIR/exactness.json,
 DIR/summary.json and DIR/README.md (the error table). Sized to finish in under 8 minutes on an H200:
@@ -11,13 +11,19 @@ results are CPU measurements, never GPU ones.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import click
+
 from tiersim.errors import TiersimError
+from tiersim.fileio import atomic_path, write_json
+from tiersim.hw.calibrate import calibrate
+from tiersim.hw.device import DeviceError, resolve_device
+from tiersim.policy import PolicyConfig
+from tiersim.validate import error_table, run_suite, suite_for
 
 BUDGET_S = 8 * 60
 
@@ -25,14 +31,12 @@ BUDGET_S = 8 * 60
 def exactness(device: str, quick: bool) -> dict:
     """hw.TieredCache on the device with a tiny random Llama: with r = 0 the logits of every step are
     bit-identical to transformers' default cache for every β; with r > 0 bit-identical across β."""
-    try:
+    try:  # imported here: it loads torch and transformers, which `import tiersim.hw.gpu_suite` does not need
         from tiersim.hw import tiered_cache
-    except ImportError as e:  # the module is not there (yet)
+    except ImportError as e:
         return {"ran": False, "reason": f"tiersim.hw.tiered_cache not importable: {e}"}
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tiersim.policy import PolicyConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -62,31 +66,8 @@ def exactness(device: str, quick: bool) -> dict:
     return out
 
 
-def error_table(suite: dict) -> str:
-    """The suite's errors as a Markdown table."""
-    lines = ["| strategy | batch | β | measured ms | predicted ms | step error % | measured overhead % | "
-             "predicted overhead % | overhead error pts |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in suite["configs"]:
-        c = r["config"]
-        lines.append(f"| {c['strategy']} | {c['batch']} | {c['policy']['hbm_ratio']} | {r['measured_step_ms']:.3f} | "
-                     f"{r['predicted_step_ms']:.3f} | {r['step_error_pct']:+.1f} | {r['measured_overhead_pct']:+.1f} | "
-                     f"{r['predicted_overhead_pct']:+.1f} | {r['overhead_error_pts']:+.1f} |")
-    s = suite["summary"]
-    if s.get("configurations"):
-        lines.append("")
-        lines.append(f"Median |step error| {s['step_error_pct_median_abs']:.1f}%, worst {s['step_error_pct_worst_abs']:.1f}%;"
-                     f" median |overhead error| {s['overhead_error_pts_median_abs']:.1f} pts, worst "
-                     f"{s['overhead_error_pts_worst_abs']:.1f} pts; median step-time CV {s['measured_step_cv_median']:.2f}.")
-    return "\n".join(lines)
-
-
 def run(out: Path, device: str = "cuda", quick: bool = False, budget_s: float = BUDGET_S, log=print) -> dict:
     """Calibrate, validate the suite with the fresh profile, check exactness; write everything under `out`."""
-    from tiersim.fileio import atomic_path, write_json
-    from tiersim.hw.calibrate import calibrate
-    from tiersim.hw.microbench import resolve_device
-    from tiersim.validate import run_suite, suite_for
-
     dev = resolve_device(device)
     wall = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -121,23 +102,36 @@ def run(out: Path, device: str = "cuda", quick: bool = False, budget_s: float = 
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: exit 0 on success, 2 when the device is missing, 1 on other input errors."""
-    from tiersim.hw.microbench import DeviceError
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+               help=__doc__.split("\n\n")[0])
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for every result (created).")
+@click.option("--device", default="cuda", show_default=True, metavar="cpu|cuda|cuda:N",
+              help="Where to measure; cpu is a real measurement of this machine, never a GPU result.")
+@click.option("--quick", is_flag=True, help="Fewer sizes, shapes, repeats and configurations (CI runs it with --device cpu).")
+@click.option("--budget-s", type=click.FloatRange(min=0), default=BUDGET_S, show_default=True, metavar="SECONDS",
+              help="Wall-clock budget; the suite starts no configuration past it.")
+def command(out: Path, device: str, quick: bool, budget_s: float) -> None:
+    """Calibrate, validate the suite and check exactness on one device; everything under --out."""
+    run(out, device, quick, budget_s)
 
-    parser = argparse.ArgumentParser(prog="python -m tiersim.hw.gpu_suite", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for every result (created)")
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
-    parser.add_argument("--quick", action="store_true", help="shortened run (CI runs it with --device cpu)")
-    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="wall-clock budget in seconds (default 480)")
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: exit 0 on success, 2 when the device is missing or the usage is wrong, 1 on other
+    input errors; each error is one line."""
     try:
-        run(args.out, args.device, args.quick, args.budget_s)
+        command.main(args=argv, prog_name="python -m tiersim.hw.gpu_suite", standalone_mode=False)
     except DeviceError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 2
     except TiersimError as e:
         print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        print("Aborted.", file=sys.stderr)
         return 1
     return 0
 

@@ -4,104 +4,30 @@ model's layer shapes, attention over a KV-length sweep, whole model-shaped layer
 Timing: CUDA events on CUDA (warm-up, then the median of repeats, each repeat `inner` calls back to
 back), `time.perf_counter` on CPU. Every result keeps its spread (p10, p90). On `--device cpu` the
 "device" is host memory and compute runs on one torch thread, exactly as the replay runs it
-(hw/replay.py): a real measurement of this machine, labelled as such, never a GPU result.
+(hw/replay.py): a real measurement of this machine, labelled as such, never a GPU result. The layer, head
+and attention benchmarks time the replay's own kernels (hw/kernels.py).
 """
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import functools
 import math
-import os
-import platform
-import socket
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tiersim.errors import TiersimError
+from tiersim.hw.device import DeviceError, device_info, device_name, resolve_device, uva_alias
+from tiersim.hw.kernels import LayerWeights, decode_attention, head_kernel, layer_kernel, mlp, torch_dtype
+from tiersim.hw.memory import mem_total_bytes
+from tiersim.hw.streams import cpu_threads
 from tiersim.specs import ModelSpec
 
 KIB, MIB = 1 << 10, 1 << 20
-DEFAULT_CHUNK = 128  # tokens per T0 chunk (hw/replay.py)
+DEFAULT_CHUNK = 128  # tokens per T0 chunk (ReplayConfig.chunk_tokens)
 COPY_SIZES = tuple(4 * KIB * 4**i for i in range(9))  # 4 KiB .. 256 MiB
-
-
-class DeviceError(TiersimError):
-    """The requested device is not there (the CLI exits with status 2)."""
-
-
-def resolve_device(name: str):
-    """torch.device for 'cpu', 'cuda' or 'cuda:N'; refuse CUDA on a machine without it."""
-    import torch
-
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
-                              f"built with CUDA {torch.version.cuda or 'none'}); accepted here: --device cpu")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); "
-                              f"accepted: cuda:0..cuda:{torch.cuda.device_count() - 1}")
-        return device
-    raise DeviceError(f"--device {name!r} unknown; accepted: cpu, cuda, cuda:N")
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or platform)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def mem_total_bytes() -> float:
-    """Installed RAM (MemTotal)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def _nvidia_driver() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
-
-
-def device_info(device) -> dict:
-    """What was measured: device name, driver, torch, date, host."""
-    import torch
-
-    info = {"kind": device.type, "torch": torch.__version__, "host": socket.gethostname(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"), "cpu": cpu_name(),
-            "cpu_cores": os.cpu_count(), "ram_bytes": mem_total_bytes()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_bytes=float(props.total_memory), driver=f"driver {_nvidia_driver()}",
-                    cuda_runtime=torch.version.cuda, sms=props.multi_processor_count,
-                    label=f"GPU {props.name}")
-    else:
-        info.update(name=f"CPU {info['cpu']} ({info['cpu_cores']} cores)", memory_bytes=info["ram_bytes"],
-                    driver="no GPU driver (CPU device)", threads=1,
-                    label=f"CPU measurement of this machine ({info['cpu']}), not a GPU")
-    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,8 +214,6 @@ def gather_curve(device, model: ModelSpec, sizes=(MIB, 4 * MIB, 16 * MIB, 64 * M
     replay stages DDR-tier tokens: bytes gathered per second, and the read + write traffic."""
     import torch
 
-    from tiersim.hw.replay import torch_dtype
-
     dtype, d = torch_dtype(model), model.head_dim
     row = d * model.dtype_bytes
     out = []
@@ -310,8 +234,6 @@ def link_gather_curve(device, model: ModelSpec, sizes=(MIB, 4 * MIB, 16 * MIB, 6
     if device.type != "cuda":
         return []
     import torch
-
-    from tiersim.hw.replay import torch_dtype, uva_alias
 
     dtype, d = torch_dtype(model), model.head_dim
     row = d * model.dtype_bytes
@@ -361,8 +283,6 @@ def gemm_sweep(device, model: ModelSpec, tokens=(1, 8, 64, 512), repeats: int = 
     """GEMM time and rate for each of the layer's weight shapes at several token counts."""
     import torch
 
-    from tiersim.hw.replay import torch_dtype
-
     dtype, out = torch_dtype(model), []
     for name, (n_out, n_in) in gemm_shapes(model).items():
         nbytes = n_out * n_in * model.dtype_bytes
@@ -393,8 +313,6 @@ def attention_sweep(device, model: ModelSpec, batches=(1, 8), kv_lengths=(320, 1
     """Decode attention (the replay's kernel) over a KV-length sweep: time, KV bytes read per second."""
     import torch
 
-    from tiersim.hw.replay import decode_attention, torch_dtype
-
     dtype, m = torch_dtype(model), model
     chunk = chunk or DEFAULT_CHUNK
     g = m.attention_heads // m.kv_heads
@@ -415,11 +333,9 @@ def attention_sweep(device, model: ModelSpec, batches=(1, 8), kv_lengths=(320, 1
 
 
 def layer_sweep(device, model: ModelSpec, points, repeats: int = 5) -> list[dict]:
-    """Whole model-shaped decoder layers, the replay's own code (hw.replay.layer_kernel): for each point
+    """Whole model-shaped decoder layers, the replay's own code (hw.kernels.layer_kernel): for each point
     (new tokens, sequences, KV tokens per sequence) RMSNorm, projections, KV write, attention over T0 chunks
     (decode) or causal SDPA (prefill, KV tokens 0) and the MLP. These points fit the cost model's layer time."""
-    from tiersim.hw.replay import LayerWeights, layer_kernel, torch_dtype
-
     most = _copies_beyond_cache(model.layer_weight_bytes, device, 8)
     weights = [LayerWeights.random(model, device, torch_dtype(model)) for _ in range(most)]
     out = []
@@ -428,7 +344,7 @@ def layer_sweep(device, model: ModelSpec, points, repeats: int = 5) -> list[dict
         copies = _copies_beyond_cache(model.layer_weight_bytes + kv_bytes, device, most)
         while copies > 2 and copies * 2 * kv_bytes > 0.25 * mem_total_bytes():
             copies -= 1
-        kernel = layer_kernel(model, _name(device), tokens, batch, kv, copies, weights=weights)
+        kernel = layer_kernel(model, device_name(device), tokens, batch, kv, copies, weights=weights)
         out.append({"tokens": tokens, "batch": batch, "kv_tokens": kv, "copies": copies,
                     **time_op(kernel, device, repeats=repeats).to_dict()})
     return out
@@ -436,15 +352,9 @@ def layer_sweep(device, model: ModelSpec, points, repeats: int = 5) -> list[dict
 
 def head_sweep(device, model: ModelSpec, tokens=(1, 8, 64), repeats: int = 5) -> list[dict]:
     """Final norm + lm_head, the replay's head."""
-    from tiersim.hw.replay import head_kernel
-
     copies = _copies_beyond_cache(model.vocab * model.hidden * model.dtype_bytes, device, 4)
-    return [{"tokens": n, **time_op(head_kernel(model, _name(device), n, copies), device, repeats=repeats).to_dict()}
+    return [{"tokens": n, **time_op(head_kernel(model, device_name(device), n, copies), device, repeats=repeats).to_dict()}
             for n in tokens]
-
-
-def _name(device) -> str:
-    return device.type if device.index is None else f"{device.type}:{device.index}"
 
 
 def contention(device, model: ModelSpec, nbytes: int = 64 * MIB, repeats: int = 5) -> dict | None:
@@ -453,8 +363,6 @@ def contention(device, model: ModelSpec, nbytes: int = 64 * MIB, repeats: int = 
     if device.type == "cuda":
         return None
     import torch
-
-    from tiersim.hw.replay import LayerWeights, mlp, torch_dtype
 
     dtype = torch_dtype(model)
     copies = _copies_beyond_cache(model.layer_weight_bytes, device)
@@ -494,37 +402,33 @@ def layer_points(quick: bool) -> list[tuple[int, int, int]]:
     return points
 
 
-def measure(device_name: str, model: ModelSpec, quick: bool = False) -> dict:
+def measure(device: str, model: ModelSpec, quick: bool = False) -> dict:
     """Every microbenchmark of `calibrate`, as a JSON-ready dict (times in seconds, sizes in bytes)."""
-    from tiersim.hw.replay import cpu_threads
-
-    device = resolve_device(device_name)
+    dev = resolve_device(device)
     wall = time.perf_counter()
     reps = 3 if quick else 7
     sizes = COPY_SIZES if not quick else COPY_SIZES[::2]
-    raw = {"device": device_info(device), "model": model.to_dict(), "quick": quick}
-    scope = cpu_threads(1) if device.type == "cpu" else _NoScope()
+    raw = {"device": device_info(dev), "model": model.to_dict(), "quick": quick}
+    scope = cpu_threads(1) if dev.type == "cpu" else contextlib.nullcontext()
     with scope:
-        raw["copies"] = {f"{d}_{'pinned' if p else 'pageable'}": copy_curve(device, d, p, sizes, reps)
+        raw["copies"] = {f"{d}_{'pinned' if p else 'pageable'}": copy_curve(dev, d, p, sizes, reps)
                          for d in ("h2d", "d2h") for p in (True, False)}
-        raw["duplex"] = duplex(device, 16 * MIB if quick else 64 * MIB, reps)
-        raw["device_copy"] = device_copy(device, 64 * MIB if quick else 256 * MIB, reps)
+        raw["duplex"] = duplex(dev, 16 * MIB if quick else 64 * MIB, reps)
+        raw["device_copy"] = device_copy(dev, 64 * MIB if quick else 256 * MIB, reps)
         gather_sizes = (MIB, 4 * MIB, 16 * MIB) if quick else (256 * KIB, MIB, 4 * MIB, 16 * MIB)
-        raw["gather"] = gather_curve(device, model, gather_sizes, reps)
-        raw["link_gather"] = link_gather_curve(device, model, gather_sizes, reps)
-        raw["gemm"] = gemm_sweep(device, model, (1, 8, 256) if quick else (1, 8, 64, 512), reps)
-        raw["attention"] = attention_sweep(device, model, (1, 8) if quick else (1, 8, 32),
+        raw["gather"] = gather_curve(dev, model, gather_sizes, reps)
+        raw["link_gather"] = link_gather_curve(dev, model, gather_sizes, reps)
+        raw["gemm"] = gemm_sweep(dev, model, (1, 8, 256) if quick else (1, 8, 64, 512), reps)
+        raw["attention"] = attention_sweep(dev, model, (1, 8) if quick else (1, 8, 32),
                                            _kv_lengths((2, 16) if quick else (2, 8, 32)), repeats=reps)
-        raw["layers"] = layer_sweep(device, model, layer_points(quick), repeats=reps)
-        raw["head"] = head_sweep(device, model, (1, 16) if quick else (1, 8, 64), reps)
-        raw["contention"] = contention(device, model, 16 * MIB if quick else 64 * MIB, reps)
+        raw["layers"] = layer_sweep(dev, model, layer_points(quick), repeats=reps)
+        raw["head"] = head_sweep(dev, model, (1, 16) if quick else (1, 8, 64), reps)
+        raw["contention"] = contention(dev, model, 16 * MIB if quick else 64 * MIB, reps)
     raw["wall_s"] = time.perf_counter() - wall
     return raw
 
 
-class _NoScope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+# DeviceError and resolve_device live in hw/device.py; re-exported because the CLI imports them from here.
+__all__ = ["COPY_SIZES", "DeviceError", "Rotation", "Timing", "attention_sweep", "contention", "copy_curve",
+           "device_copy", "duplex", "gather_curve", "gemm_shapes", "gemm_sweep", "head_sweep", "layer_points",
+           "layer_sweep", "link_gather_curve", "measure", "resolve_device", "time_op"]

@@ -2,8 +2,8 @@
 
 One request per cache (batch 1: each request has its own policy and so its own kept positions).
 Per layer the cache keeps every position's tier from THE policy (`tiersim.policy.TieringPolicy`,
-stepped on the head- and layer-averaged attention of each new query, aggregated as
-traces/capture.py does) and stores
+stepped on the head- and layer-averaged attention of each new query, reduced by the same
+traces.hf functions capture records with) and stores
 
 - T0 (HBM): full-precision keys and values on the model's device;
 - T1 (DDR): full precision in host memory (pinned when the model is on CUDA), copied back to the
@@ -21,14 +21,18 @@ positions seen because `get_mask_sizes` reports the kept length and an offset of
 (positions seen − kept): the compacted old keys then sit before every query and the new keys at
 their true positions.
 
-Use: run the prompt through the model with `cache=TieredCache.for_model(model, policy)` and
-`output_attentions=True` (eager attention), call `cache.start(out.attentions)`, then after every
-one-token decode forward `cache.observe(out.attentions)`; `decode` does exactly that.
+Two ways to feed it the attention. `TieredCache.for_model(model, policy)` puts a forward hook on
+every attention module of the model (once per model; inert for any other cache): each layer hands
+its weights to the cache it was called with, and after the last layer the cache commits the forward
+pass (the prompt seeds the policy, a decode token steps it). Such a cache works in any loop:
+`model.generate(ids, max_new_tokens=N, past_key_values=cache)` (eager attention, batch 1, EOS from
+the generation config as usual) or `decode` below. A cache built directly,
+`TieredCache(policy, num_layers)`, is driven by hand: run the prompt with `output_attentions=True`,
+call `cache.start(out.attentions)`, then `cache.observe(out.attentions)` after every one-token forward.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,97 +42,21 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tiersim.errors import TiersimError
+from tiersim.hw.tiered_cache_quant import Quantized, cat_quantized, dequantize, quantize
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, PolicyConfig, TierChanges, TieringPolicy
+from tiersim.traces.hf import (
+    attention_modules,
+    cache_of,
+    column_sums,
+    decode_rows,
+    forward_keywords,
+    last_row,
+    prefill_scores,
+    text_config,
+)
 
 STORED_TIERS = (HBM, DDR, COMPRESSED)
-
-
-# ---------------------------------------------------------------- attention aggregation (as capture.py)
-
-
-def prefill_scores(attentions: Sequence[torch.Tensor]) -> np.ndarray:
-    """Prefill seed of the scores: per layer the column sums over query rows of the head mean, averaged over layers."""
-    first = attentions[0]
-    query_mask = torch.ones(first.shape[0], first.shape[2], dtype=torch.float32, device=first.device)
-    acc = torch.zeros(first.shape[0], first.shape[-1], dtype=torch.float32, device=first.device)
-    for a in attentions:
-        acc += torch.einsum("bhqk,bq->bk", a.float(), query_mask) / a.shape[1]
-    return (acc / len(attentions))[0].cpu().numpy()
-
-
-def decode_row(attentions: Sequence[torch.Tensor]) -> np.ndarray:
-    """Attention of the last query over the keys: mean over heads, then over layers (float32)."""
-    per_layer = torch.stack([a[:, :, -1, :].float().mean(1) for a in attentions])
-    return per_layer.mean(0)[0].cpu().numpy()
-
-
-# ---------------------------------------------------------------- the compressed tier's quantiser
-
-
-@dataclass(frozen=True, slots=True)
-class Quantized:
-    """KV rows quantized symmetric per (token, head): x ≈ q · scale, q in [−(2^(b−1)−1), 2^(b−1)−1].
-
-    8 bits are stored as int8; 4 and 2 bits as offset-binary codes (q + 2^(b−1)) packed 8/b per byte
-    along head_dim (low bits first). One float16 scale per token and head: absmax / (2^(b−1)−1).
-    """
-
-    data: torch.Tensor  # (1, kv_heads, n, head_dim · bits / 8)
-    scale: torch.Tensor  # (1, kv_heads, n, 1) float16
-    bits: int
-    head_dim: int
-
-    @property
-    def tokens(self) -> int:
-        """Positions stored."""
-        return self.data.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of codes and scales."""
-        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
-
-    def select(self, index: torch.Tensor) -> Quantized:
-        """The rows at `index` (along the position axis)."""
-        return Quantized(self.data.index_select(2, index), self.scale.index_select(2, index), self.bits, self.head_dim)
-
-
-def quantize(x: torch.Tensor, bits: int) -> Quantized:
-    """Quantize (1, heads, n, head_dim) rows to `bits` (8, 4 or 2) with one float16 scale per token and head."""
-    if bits not in (2, 4, 8):
-        raise TiersimError(f"compressed bits must be 2, 4 or 8, got {bits!r}")
-    qmax = 2 ** (bits - 1) - 1
-    head_dim = x.shape[-1]
-    per_byte = 8 // bits
-    if head_dim % per_byte:
-        raise TiersimError(f"head_dim {head_dim} is not a multiple of {per_byte}: cannot pack {bits}-bit codes")
-    xf = x.float()
-    scale = (xf.abs().amax(-1, keepdim=True) / qmax).to(torch.float16)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-    q = torch.clamp(torch.round(xf / safe), -qmax, qmax)
-    if bits == 8:
-        return Quantized(q.to(torch.int8), scale, bits, head_dim)
-    codes = (q + 2 ** (bits - 1)).to(torch.uint8).reshape(*x.shape[:-1], head_dim // per_byte, per_byte)
-    shifts = torch.arange(per_byte, device=x.device, dtype=torch.uint8) * bits
-    packed = (codes << shifts).sum(-1, dtype=torch.uint8)  # disjoint bit fields: the sum is a bitwise or
-    return Quantized(packed, scale, bits, head_dim)
-
-
-def dequantize(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
-    """Rows back in `dtype`: q · scale."""
-    if q.bits == 8:
-        values = q.data.float()
-    else:
-        per_byte = 8 // q.bits
-        shifts = torch.arange(per_byte, device=q.data.device, dtype=torch.uint8) * q.bits
-        codes = (q.data.unsqueeze(-1) >> shifts) & (2 ** q.bits - 1)
-        values = codes.reshape(*q.data.shape[:-1], q.head_dim).float() - 2 ** (q.bits - 1)
-    return (values * q.scale.float()).to(dtype)
-
-
-def _cat_quantized(parts: list[Quantized]) -> Quantized:
-    return Quantized(torch.cat([p.data for p in parts], 2), torch.cat([p.scale for p in parts], 2),
-                     parts[0].bits, parts[0].head_dim)
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")  # the attention modules' name for it, by version
 
 
 # ---------------------------------------------------------------- which position sits where
@@ -202,7 +130,11 @@ class TieredLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new positions to T0 and return the kept KV in position order (T1 fetched, T2 dequantized)."""
         if key_states.shape[0] != 1:
-            raise TiersimError(f"TieredCache holds one request (batch 1), got a batch of {key_states.shape[0]}")
+            raise TiersimError(f"TieredCache holds one request (batch 1), got a batch of {key_states.shape[0]}:"
+                               " run one prompt per cache (one generate or decode call per prompt)")
+        if self.pending and self._cache.hooked:
+            raise TiersimError("TieredCache: no attention weights reached it from the previous forward; use it with"
+                               " the model it was made for (TieredCache.for_model(model, ...)), eager attention")
         if self.pending:
             raise TiersimError("TieredCache: a second forward before start()/observe() committed the previous one")
         if not self.is_initialized:
@@ -311,7 +243,7 @@ class TieredLayer(CacheLayerMixin):
             fresh = full.index_select(2, torch.as_tensor(np.searchsorted(old.kept, target[~stay]), device=dev))
             parts.append(quantize(fresh, self._cache.config.compressed_bits))
             order.append(target[~stay])
-        merged = _cat_quantized(parts) if len(parts) > 1 else parts[0]
+        merged = cat_quantized(parts) if len(parts) > 1 else parts[0]
         return merged.select(torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"), device=dev))
 
     def stored(self) -> np.ndarray:
@@ -365,55 +297,109 @@ class TieredCache(Cache):
         self.index = _EMPTY_INDEX
         self.policy: TieringPolicy | None = None
         self.stats = TierStats()
+        self.hooked = False  # True: the model's attention hooks commit every forward (for_model); False: start/observe
+        self._recorded: list[torch.Tensor] = []  # this forward's per-layer reductions, in hooked mode
         super().__init__(layers=[TieredLayer(self) for _ in range(num_layers)])
 
     @classmethod
     def for_model(cls, model: Any, config: PolicyConfig) -> TieredCache:
-        """A cache with one layer per decoder layer of `model` (eager attention required for the policy)."""
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        """A cache for `model` that observes its attention through hooks: use it in generate, decode or any loop."""
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in (None, "eager"):
             raise TiersimError(f"TieredCache needs attention weights: load the model with attn_implementation='eager'"
                                f" (it uses {impl!r})")
-        return cls(config, int(cfg.num_hidden_layers))
+        cache = cls(config, int(text_config(model).num_hidden_layers))
+        _install_hooks(model)
+        cache.hooked = True
+        return cache
 
-    def _pending(self, attentions: Sequence[torch.Tensor] | None) -> int:
-        pending = {layer.pending for layer in self.layers}
-        if len(pending) != 1 or 0 in pending:
-            raise TiersimError("TieredCache: every layer must have run exactly one forward since the last commit")
-        if not attentions or len(attentions) != len(self.layers) or attentions[0] is None:
-            raise TiersimError("TieredCache needs the attention weights of every layer: run the model with"
-                               " output_attentions=True and eager attention")
-        expected = len(self.index.kept) + pending.copy().pop()
-        for a in attentions:
-            if a.shape[0] != 1 or a.shape[-1] != expected:
-                raise TiersimError(f"attention weights of shape {tuple(a.shape)} do not cover the {expected} kept positions")
-        return pending.pop()
+    # -- hooked mode: one layer's weights at a time
+
+    def record(self, layer: int, weights: torch.Tensor | None, mask: Any = None) -> None:
+        """Take layer `layer`'s attention weights of the current forward; after the last layer, commit the forward."""
+        if weights is None:
+            raise TiersimError(f"TieredCache got no attention weights from layer {layer}: load the model with"
+                               " attn_implementation='eager' (sdpa and flash attention do not return them)")
+        if layer != len(self._recorded):
+            raise TiersimError(f"TieredCache: attention of layer {layer} arrived where layer {len(self._recorded)}"
+                               " was expected; one model forward at a time per cache")
+        expected = len(self.index.kept) + self.layers[layer].pending
+        if weights.shape[0] != 1 or weights.shape[-1] != expected:
+            raise TiersimError(f"attention weights of shape {tuple(weights.shape)} do not cover the {expected} kept"
+                               " positions of one request")
+        if self.policy is None:
+            if layer == 0:
+                _check_unpadded(mask)
+            self._recorded.append(column_sums(weights))
+        else:
+            self._recorded.append(last_row(weights))
+        if len(self._recorded) < len(self.layers):
+            return
+        parts, self._recorded = self._recorded, []
+        if self.policy is None:  # the same sum in layer order as traces.hf.prefill_scores
+            acc = torch.zeros_like(parts[0])
+            for p in parts:
+                acc += p
+            self._commit_prompt(self._pending(), (acc / len(parts))[0].cpu().numpy())
+        else:
+            self._commit_step(self._pending(), torch.stack(parts).mean(0)[0].cpu().numpy())
+
+    # -- manual mode: the whole forward's weights
 
     def start(self, attentions: Sequence[torch.Tensor]) -> None:
         """Commit the prompt (all in T0) and seed the policy's scores from the prefill attention."""
+        self._refuse_if_hooked("start")
         if self.policy is not None:
             raise TiersimError("TieredCache.start() was already called; use observe() after decode steps")
-        prompt = self._pending(attentions)
-        self.policy = TieringPolicy(self.config, prefill_scores(attentions))
+        self._check_attentions(attentions)
+        self._commit_prompt(self._pending(), prefill_scores(attentions)[0].cpu().numpy())
+
+    def observe(self, attentions: Sequence[torch.Tensor]) -> TierChanges:
+        """After a one-token decode forward: feed the policy the new query's attention and apply its tier changes."""
+        self._refuse_if_hooked("observe")
+        if self.policy is None:
+            raise TiersimError("TieredCache.observe() before start(): run the prompt and call start() first")
+        self._check_attentions(attentions)
+        return self._commit_step(self._pending(), decode_rows(attentions).mean(0)[0].cpu().numpy())
+
+    def _refuse_if_hooked(self, name: str) -> None:
+        if self.hooked:
+            raise TiersimError(f"TieredCache.{name}(): this cache came from for_model and observes the model's"
+                               " attention itself; call start()/observe() only on a TieredCache(config, num_layers)")
+
+    def _pending(self) -> int:
+        pending = {layer.pending for layer in self.layers}
+        if len(pending) != 1 or 0 in pending:
+            raise TiersimError("TieredCache: every layer must have run exactly one forward since the last commit")
+        return pending.pop()
+
+    def _check_attentions(self, attentions: Sequence[torch.Tensor] | None) -> None:
+        if not attentions or len(attentions) != len(self.layers) or attentions[0] is None:
+            raise TiersimError("TieredCache needs the attention weights of every layer: run the model with"
+                               " output_attentions=True and eager attention")
+        expected = len(self.index.kept) + self._pending()
+        for a in attentions:
+            if a.shape[0] != 1 or a.shape[-1] != expected:
+                raise TiersimError(f"attention weights of shape {tuple(a.shape)} do not cover the {expected} kept positions")
+
+    # -- committing a forward
+
+    def _commit_prompt(self, prompt: int, scores: np.ndarray) -> None:
+        self.policy = TieringPolicy(self.config, scores)
         for layer in self.layers:
             layer.commit()
         self.index = TierIndex.from_tiers(np.zeros(prompt, dtype=np.int8))
 
-    def observe(self, attentions: Sequence[torch.Tensor]) -> TierChanges:
-        """After a one-token decode forward: feed the policy the new query's attention and apply its tier changes."""
-        if self.policy is None:
-            raise TiersimError("TieredCache.observe() before start(): run the prompt and call start() first")
-        if self._pending(attentions) != 1:
-            raise TiersimError("TieredCache.observe() handles one decode token per forward")
+    def _commit_step(self, pending: int, row: np.ndarray) -> TierChanges:
+        if pending != 1:
+            raise TiersimError(f"TieredCache handles one decode token per forward, got {pending}")
         old = self.index
         increments = np.zeros(old.seen + 1, dtype=np.float32)
-        increments[np.append(old.kept, old.seen)] = decode_row(attentions)
+        increments[np.append(old.kept, old.seen)] = row
         changes = self.policy.step(increments)
         for layer in self.layers:
             layer.commit()
-        grown = TierIndex.from_tiers(np.append(old.tiers, np.int8(HBM)))
-        self.index = grown
+        self.index = TierIndex.from_tiers(np.append(old.tiers, np.int8(HBM)))
         if len(changes):
             new = TierIndex.from_tiers(self.policy.tiers)
             for layer in self.layers:
@@ -441,6 +427,33 @@ class TieredCache(Cache):
         return total
 
 
+def _install_hooks(model: Any) -> None:
+    """Once per model: every attention module hands its weights to the TieredCache it is called with."""
+    if getattr(model, "_tiersim_attention_hooks", False):
+        return
+    for module in attention_modules(model):
+        module.register_forward_hook(_record_attention, with_kwargs=True)
+    model._tiersim_attention_hooks = True
+
+
+def _record_attention(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+    cache = next((kwargs[k] for k in _CACHE_KEYWORDS if kwargs.get(k) is not None), None)
+    if isinstance(cache, TieredCache) and cache.hooked:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        cache.record(module.layer_idx, weights, kwargs.get("attention_mask"))
+
+
+def _check_unpadded(mask: Any) -> None:
+    """The prompt's mask must be plain causal: the cache compacts positions, so a padding mask would misalign."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return
+    allowed = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
+    q, k = allowed.shape
+    if not torch.equal(allowed, torch.ones(q, k, dtype=torch.bool, device=allowed.device).tril(k - q)):
+        raise TiersimError("TieredCache holds one unpadded request, but the prompt's attention mask hides positions"
+                           " (padding, or a pad token id inside the prompt); pass attention_mask=torch.ones_like(ids)")
+
+
 # ---------------------------------------------------------------- a decode loop that drives it
 
 
@@ -452,26 +465,19 @@ class Decoded:
     eos: bool
 
 
-def _forward_keywords(model: Any) -> tuple[str, str | None]:
-    """Keyword of the KV cache (renamed in transformers 5.x) and of logits_to_keep, if the model has one."""
-    params = inspect.signature(model.forward).parameters
-    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-    return ("cache" if "cache" in params else "past_key_values"), keep
-
-
 def decode(model: Any, prompt_ids: Sequence[int], cache: Cache | None, max_new_tokens: int, *,
            eos_token_ids: Sequence[int] = (), forced: Sequence[int] | None = None,
            on_logits: Callable[[int, torch.Tensor], None] | None = None) -> Decoded:
-    """Greedy decoding of one prompt with `cache` (a TieredCache, or None for transformers' default cache).
+    """Greedy decoding of one prompt with `cache` (a TieredCache of either kind, or None for transformers' default).
 
     `on_logits(i, logits)` sees the float32 logits that choose generated token i. With `forced`, token i
     is forced[i] instead of the argmax (teacher forcing), for len(forced) tokens.
     """
     if max_new_tokens < 1:
         raise TiersimError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tiered = isinstance(cache, TieredCache)
-    name, keep = _forward_keywords(model)
-    kw = {"use_cache": True, "output_attentions": tiered, **({keep: 1} if keep else {})}
+    manual = isinstance(cache, TieredCache) and not cache.hooked  # a hooked cache commits every forward itself
+    name, keep = forward_keywords(model)
+    kw = {"use_cache": True, "output_attentions": manual, **({keep: 1} if keep else {})}
     dev = next(model.parameters()).device
     steps = max_new_tokens if forced is None else min(max_new_tokens, len(forced))
     eos = set(int(e) for e in eos_token_ids)
@@ -479,10 +485,9 @@ def decode(model: Any, prompt_ids: Sequence[int], cache: Cache | None, max_new_t
     with torch.inference_mode():
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
         out = model(input_ids=ids, **kw, **({name: cache} if cache is not None else {}))
-        if tiered:
+        if manual:
             cache.start(out.attentions)
-        else:
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache = cache_of(out) if cache is None else cache
         for i in range(steps):
             logits = out.logits[0, -1].float()
             if on_logits is not None:
@@ -492,6 +497,6 @@ def decode(model: Any, prompt_ids: Sequence[int], cache: Cache | None, max_new_t
             if (forced is None and token in eos) or i == steps - 1:
                 break
             out = model(input_ids=torch.tensor([[token]], device=dev), **kw, **{name: cache})
-            if tiered:
+            if manual:
                 cache.observe(out.attentions)
     return Decoded(tokens, bool(tokens) and tokens[-1] in eos)

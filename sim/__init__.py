@@ -1,6 +1,6 @@
-"""The SimPy model of a tiered KV cache: memories, links, compute, strategies, batching, metrics."""
+"""The SimPy model of a tiered KV cache: costs of each piece of work, the engine's processes, and `simulate`."""
 
-from tiersim.sim.engine import STRATEGIES
-from tiersim.sim.run import SimConfig, SimResult, simulate
+from tiersim.sim.config import SimConfig
+from tiersim.sim.run import SimResult, simulate, simulate_workload
 
-__all__ = ["STRATEGIES", "SimConfig", "SimResult", "simulate"]
+__all__ = ["SimConfig", "SimResult", "simulate", "simulate_workload"]

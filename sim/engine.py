@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-STRATEGIES = ("full", "evict-only", "prefetch-sync", "prefetch-layer", "cpu-attention")
+from tiersim.strategy import Strategy
 
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
     """Per-step durations (seconds) of every piece of work, for one strategy; arrays of length `steps`."""
 
-    strategy: str
+    strategy: Strategy
     layers: int
     depth: int
     matmul_s: np.ndarray  # one layer's projections + MLP
@@ -71,7 +71,7 @@ class StepPlan:
 class _ListPlan:
     """A StepPlan as Python lists, for the processes."""
 
-    strategy: str
+    strategy: Strategy
     layers: int
     depth: int
     qkv_share: float
@@ -233,13 +233,14 @@ def compute_prefetch_layer(env, plan: StepPlan, tl: Timeline, staged: Progress, 
 
 
 def copy_stream_prefetch(env, plan: StepPlan, links: Links, staged: Progress, computed: Progress):
-    """The H2D copy stream: stage each layer's DDR tokens `depth` layers ahead, into depth + 1 buffers."""
+    """The H2D copy stream: stage each layer's DDR tokens `depth` layers ahead, into the strategy's staging buffers."""
+    buffers = plan.strategy.staging_buffers(plan.depth, plan.layers)
     layer = 0
     for k in range(plan.steps):
         for _ in range(plan.layers):
-            # This layer's buffer was last used `depth + 1` layers ago; it is free once that layer computed.
-            if computed.count < layer - plan.depth:
-                yield computed.reach(layer - plan.depth)
+            # This layer's buffer was last used `buffers` layers ago; it is free once that layer computed.
+            if computed.count < layer - buffers + 1:
+                yield computed.reach(layer - buffers + 1)
             if plan.h2d_layer_s[k] > 0:
                 yield from links.h2d_owned(k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k])
             staged.advance()
@@ -298,20 +299,19 @@ def run(step_plan: StepPlan) -> Timeline:
     tl = Timeline.empty(plan.steps)
     links = Links(env, tl)
     done = simpy.Store(env)
-    if plan.strategy in ("full", "evict-only"):
-        main = env.process(compute_resident(env, plan, tl, done))
-    elif plan.strategy == "prefetch-sync":
+    s = plan.strategy
+    if s.fetches_before_forward:
         main = env.process(compute_prefetch_sync(env, plan, tl, links, done))
-    elif plan.strategy == "prefetch-layer":
+    elif s.fetches_per_layer:
         staged, computed = Progress(env), Progress(env)
         main = env.process(compute_prefetch_layer(env, plan, tl, staged, computed, done))
         env.process(copy_stream_prefetch(env, plan, links, staged, computed))
-    elif plan.strategy == "cpu-attention":
+    elif s.host_attends:
         to_host, from_host = simpy.Store(env), simpy.Store(env)
         main = env.process(compute_cpu_attention(env, plan, tl, to_host, from_host, done))
         env.process(host_attention(env, plan, tl, links, to_host, from_host))
-    else:
-        raise ValueError(f"unknown strategy {plan.strategy!r}")
+    else:  # every attended token is resident
+        main = env.process(compute_resident(env, plan, tl, done))
     env.process(bulk_copies(env, plan, tl, links, done))
     env.run(until=main)
     env.run()  # let the last demotions drain (they free HBM, they do not delay the steps)

@@ -1,5 +1,6 @@
-"""What a model and a GPU are, as numbers: ModelSpec (built-in table or any HF config.json) and
-HardwareSpec (TOML profiles in calibration/profiles/, every number with its source).
+"""What a GPU and its host are, as numbers: HardwareSpec (TOML profiles in calibration/profiles/,
+every number with its source). NVLink and host-topology fields are optional: a profile leaves them
+out where the machine has no NVLink or the host is unknown.
 
 Units: GB = 1e9 bytes, GB/s = 1e9 B/s, TFLOP/s = 1e12 FLOP/s, everywhere.
 """
@@ -23,6 +24,11 @@ from tiersim.errors import SpecError
 # ---------------------------------------------------------------------------------------------
 
 _TEXT_FIELDS = ("name", "description", "link")
+# Optional numeric fields: absent (None) where the machine lacks the part or the host is not known.
+_OPTIONAL_FIELDS = ("nvlink_gbps", "nvlink_latency_us", "gpus_per_host", "sockets", "cores_per_socket",
+                    "ddr_gbps_per_socket")
+# Optional fields that count things: whole numbers.
+_COUNT_FIELDS = ("gpus_per_host", "sockets", "cores_per_socket")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,12 @@ class HardwareSpec:
     ddr_gb: float
     ddr_gbps: float  # host memory bandwidth available to host-side attention
     launch_us: float  # kernel launches and other fixed cost per layer
+    nvlink_gbps: float | None = None  # NVLink bandwidth per GPU, one direction (half the datasheet's bidirectional)
+    nvlink_latency_us: float | None = None  # fixed cost of one small all-reduce among the GPUs of a host over NVLink
+    gpus_per_host: int | None = None  # GPUs sharing one host's DDR and cores
+    sockets: int | None = None  # CPU sockets of the host
+    cores_per_socket: int | None = None  # physical cores per socket
+    ddr_gbps_per_socket: float | None = None  # host memory bandwidth of one socket (STREAM-like), GB/s
     sources: dict[str, str] = field(default_factory=dict)  # numeric field -> where its number comes from
     path: str = ""  # the profile it was loaded from
 
@@ -58,6 +70,14 @@ class HardwareSpec:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise SpecError(f"{where}: field '{key}' is {value!r}; accepted: a finite number > 0")
+        for key in _OPTIONAL_FIELDS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf) or (
+                    key in _COUNT_FIELDS and value != int(value)):
+                kind = "a whole number >= 1" if key in _COUNT_FIELDS else "a finite number > 0"
+                raise SpecError(f"{where}: field '{key}' is {value!r}; accepted: {kind}, or absent")
         if self.duplex_factor > 1:
             raise SpecError(f"{where}: field 'duplex_factor' is {self.duplex_factor!r}; "
                             "accepted: 0 < duplex_factor <= 1")
@@ -66,9 +86,12 @@ class HardwareSpec:
                 raise SpecError(f"{where}: field '{measured}' = {getattr(self, measured)} exceeds {spec} = "
                                 f"{getattr(self, spec)}; accepted: effective <= spec")
         for key in self.sources:
-            if key not in hardware_numeric_fields():
+            if key not in hardware_numeric_fields() + _OPTIONAL_FIELDS:
                 raise SpecError(f"{where}: sources names unknown field '{key}'; "
-                                f"accepted: {', '.join(hardware_numeric_fields())}")
+                                f"accepted: {', '.join(hardware_numeric_fields() + _OPTIONAL_FIELDS)}")
+            if key in _OPTIONAL_FIELDS and getattr(self, key) is None:
+                raise SpecError(f"{where}: sources names field '{key}', which has no value; "
+                                "accepted: a source only for a field that is set")
 
     def h2d_gbps(self, pinned: bool) -> float:
         """Host-to-device bandwidth in GB/s from pinned or pageable host memory."""
@@ -90,13 +113,22 @@ class HardwareSpec:
         for key in hardware_numeric_fields():
             source = self.sources.get(key, "unknown")
             lines.append(f"{key} = {{ value = {float(getattr(self, key))!r}, source = {json.dumps(source)} }}")
+        for key in _OPTIONAL_FIELDS:
+            if (value := getattr(self, key)) is not None:
+                value = int(value) if key in _COUNT_FIELDS else float(value)
+                lines.append(f"{key} = {{ value = {value!r}, source = {json.dumps(self.sources.get(key, 'unknown'))} }}")
         return "\n".join(lines) + "\n"
 
 
 def hardware_numeric_fields() -> tuple[str, ...]:
-    """Names of the numeric fields of a hardware profile, each given as { value, source }."""
-    skip = _TEXT_FIELDS + ("sources", "path")
+    """Names of the numeric fields every hardware profile gives, each as { value, source }."""
+    skip = _TEXT_FIELDS + _OPTIONAL_FIELDS + ("sources", "path")
     return tuple(f.name for f in dataclasses.fields(HardwareSpec) if f.name not in skip)
+
+
+def hardware_optional_fields() -> tuple[str, ...]:
+    """Names of the numeric fields a profile may leave out (NVLink, host topology), each as { value, source } when given."""
+    return _OPTIONAL_FIELDS
 
 
 def _profiles_dir():
@@ -133,11 +165,12 @@ def _parse_profile(text: str, where: str) -> HardwareSpec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{where}: invalid TOML ({e}); accepted: a hardware profile .toml") from None
     numeric = hardware_numeric_fields()
-    accepted = _TEXT_FIELDS + numeric
+    required = _TEXT_FIELDS + numeric
+    accepted = required + _OPTIONAL_FIELDS
     for key in data:
         if key not in accepted:
             raise SpecError(f"{where}: unknown field '{key}'; accepted: {', '.join(accepted)}")
-    for key in accepted:
+    for key in required:
         if key not in data:
             raise SpecError(f"{where}: field '{key}' is missing; accepted fields: {', '.join(accepted)}")
     for key in _TEXT_FIELDS:
@@ -145,7 +178,7 @@ def _parse_profile(text: str, where: str) -> HardwareSpec:
             raise SpecError(f"{where}: field '{key}' is {data[key]!r}; accepted: a non-empty string")
     form = '{ value = <number>, source = "<citation | measured: ... | assumption: ...>" }'
     values, sources = {}, {}
-    for key in numeric:
+    for key in numeric + tuple(k for k in _OPTIONAL_FIELDS if k in data):
         entry = data[key]
         if not isinstance(entry, dict) or set(entry) - {"value", "source"} or "value" not in entry:
             raise SpecError(f"{where}: field '{key}' is {entry!r}; accepted: {form}")
@@ -154,7 +187,8 @@ def _parse_profile(text: str, where: str) -> HardwareSpec:
             raise SpecError(f"{where}: field '{key}' value is {value!r}; accepted: a number")
         if not isinstance(source, str) or not source.strip():
             raise SpecError(f"{where}: field '{key}' has no source; accepted: {form}")
-        values[key], sources[key] = float(value), source
+        whole = key in _COUNT_FIELDS and math.isfinite(value) and value == int(value)
+        values[key], sources[key] = (int(value) if whole else float(value)), source
     return HardwareSpec(**{k: data[k] for k in _TEXT_FIELDS}, **values, sources=sources, path=where)
 
 

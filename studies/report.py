@@ -1,11 +1,12 @@
-"""`tiersim report`: a sweep's results file → three PNGs and a Markdown summary of the decisions in it.
+"""`tiersim report`: a sweep's results file → three plots (PNG, SVG and/or PDF) and a Markdown summary of it.
 
-Plots (one panel per model and hardware pair, colours per strategy throughout):
-pareto.png (HBM saved against overhead, the Pareto front marked), overhead_vs_batch.png (median
-overhead per strategy against batch, the band spanning the other grid values) and
-hbm_occupancy.png (peak HBM per strategy and without tiering against batch, with the capacity
-line). report.md holds the tables: the front, the largest saving within an overhead budget per
-batch, every point, and the failed points with their errors.
+Plots (one panel per model and hardware pair, colours per strategy throughout, legends to the
+right of each panel): pareto (HBM saved against overhead, the Pareto front marked),
+overhead_vs_batch (overhead against batch) and hbm_occupancy (peak HBM against batch, without
+tiering too, with the capacity line). Against batch, every swept input other than batch and
+strategy gets its own line (a line style per combination, named in the legend): a value that was
+swept is shown, never pooled into a median. report.md holds the tables: the front, the largest
+saving within an overhead budget per batch, every point, and the failed points with their errors.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from tiersim.errors import TiersimError  # noqa: E402
 from tiersim.fileio import atomic_path  # noqa: E402
 from tiersim.studies.sweep import DEFAULTS, STATUS_OK, file_version, read_results_table  # noqa: E402
+from tiersim.traces.figure_files import check_formats, save_figure  # noqa: E402
 
 REQUIRED = ("model_name", "hardware_name", "batch", "strategy", "hbm_ratio", "evict_ratio", "overhead_pct",
             "hbm_saved_gb", "hbm_peak_gb", "hbm_peak_gb_full", "hbm_capacity_gb", "fits")
@@ -33,7 +36,14 @@ COLOURS = {"full": "C7", "evict-only": "C3", "prefetch-sync": "C1", "prefetch-la
 # which compare configurations that lose only what the policy evicts.
 LOSSY = ("evict-only",)
 MAX_PANELS = 12
+DPI = 110
 PLOTS = ("pareto.png", "overhead_vs_batch.png", "hbm_occupancy.png")
+# The paper's symbols for the policy inputs in legends; other inputs keep their grid name.
+SYMBOLS = {"hbm_ratio": "β", "evict_ratio": "r"}
+# Line style and marker per combination of the swept inputs drawn as separate lines: 32 distinct pairs,
+# consecutive ones differing in both, so neighbours in the legend tell apart at a glance.
+_LINESTYLES, _MARKERS = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v", "P", "X", "*")
+STYLES = [(_LINESTYLES[i % 4], _MARKERS[(i + i // 8) % 8]) for i in range(32)]
 
 
 def pareto_mask(overhead_pct: np.ndarray, saved_gb: np.ndarray) -> np.ndarray:
@@ -74,12 +84,39 @@ def varying(df: pd.DataFrame) -> list[str]:
 
 
 # -- plots -------------------------------------------------------------------------------------------
+def line_keys(ok: pd.DataFrame) -> list[str]:
+    """Swept inputs that split a panel's points into lines: all but the x axis (batch), the colour (strategy)
+    and the panel (model, hardware; kept when two spec files share a name)."""
+    panels = ok.groupby(["model_name", "hardware_name"], sort=False)
+    return [k for k in varying(ok) if k not in ("batch", "strategy")
+            and not (k in ("model_spec", "hardware") and panels[k].nunique(dropna=False).max() <= 1)]
+
+
+def _key_label(keys: list[str], values: tuple) -> str:
+    return ", ".join(f"{SYMBOLS.get(k, k)}={_value(v)}" for k, v in zip(keys, values))
+
+
+def sweep_lines(sub: pd.DataFrame, column: str, keys: list[str]) -> list[tuple[str, tuple, pd.Series]]:
+    """(strategy, values of `keys`, `column` by batch) per line: each swept value its own line, never pooled."""
+    out = []
+    for group, s in sub.groupby(["strategy", *keys], sort=False, dropna=False):
+        out.append((group[0], tuple(group[1:]), s.set_index("batch")[column].sort_index()))
+    return out
+
+
+def _styles(ok: pd.DataFrame, keys: list[str]) -> dict[str, tuple[str, str]]:
+    """(line style, marker) per combination of the line keys (by its label), the same in every panel."""
+    combos = ok[keys].drop_duplicates().sort_values(keys) if keys else pd.DataFrame(index=[0])
+    labels = dict.fromkeys(_key_label(keys, tuple(r)) for r in combos.itertuples(index=False))
+    return {label: STYLES[i % len(STYLES)] for i, label in enumerate(labels)}
+
+
 def _panels(ok: pd.DataFrame):
-    """(model, hardware) groups, at most MAX_PANELS, and a figure with one axes each."""
+    """(model, hardware) groups, at most MAX_PANELS, and a figure with one axes each (room on the right for legends)."""
     groups = list(ok.groupby(["model_name", "hardware_name"], sort=True))[:MAX_PANELS]
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(8.5 * cols, 4.6 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     return groups, fig, list(axes.flat)
@@ -87,14 +124,6 @@ def _panels(ok: pd.DataFrame):
 
 def _colour(strategy: str) -> str:
     return COLOURS.get(strategy, "C4")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _batch_axis(ax, batches) -> None:
@@ -106,10 +135,41 @@ def _batch_axis(ax, batches) -> None:
     ax.set_xlabel("batch (concurrent sequences)")
 
 
-def _legend(ax) -> None:
-    handles, labels = ax.get_legend_handles_labels()
+def _with_zero(ax, axis: str = "y") -> None:
+    """Stretch a linear or symlog axis to include zero, so sizes read as sizes (and signs stay visible)."""
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(min(lo, 0.0), max(hi, 0.0))
+
+
+def _legend(ax, handles: list | None = None) -> None:
+    """The legend outside the axes, on their right; from `handles` if given, else from the labelled artists."""
+    handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
     if handles:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                  handlelength=3)
+
+
+def _line_legend(ax, strategies: list[str], keys: list[str], styles: dict, combos: list[tuple], suffix: str,
+                 extra: list) -> None:
+    """Colour key (strategies), style key (the swept values each line holds, by name) and the extra lines."""
+    handles = [Line2D([], [], color=_colour(s), marker="o", ms=4, label=f"{s}{suffix}") for s in strategies]
+    if keys:
+        drawn = {_key_label(keys, c) for c in combos}
+        handles += [Line2D([], [], color="k", ls=ls, marker=marker, ms=4, label=label)
+                    for label, (ls, marker) in styles.items() if label in drawn]
+    _legend(ax, handles + extra)
+
+
+def _draw_lines(ax, sub: pd.DataFrame, column: str, keys: list[str], styles: dict, suffix: str) -> tuple[list, list]:
+    """One line per strategy and swept value; returns the strategies and the key combinations drawn."""
+    strategies, combos = [], []
+    for strategy, values, y in sweep_lines(sub, column, keys):
+        ls, marker = styles[_key_label(keys, values)]
+        ax.plot(y.index, y.to_numpy(), ls=ls, marker=marker, ms=4, color=_colour(strategy),
+                label=f"{strategy}{suffix}")
+        strategies += [strategy] if strategy not in strategies else []
+        combos.append(values)
+    return strategies, combos
 
 
 def pareto_figure(ok: pd.DataFrame):
@@ -128,6 +188,8 @@ def pareto_figure(ok: pd.DataFrame):
                         xytext=(4, -9), textcoords="offset points")
         if sub["overhead_pct"].max() > 100:
             ax.set_xscale("symlog", linthresh=1.0)
+        _with_zero(ax, "x")
+        _with_zero(ax, "y")
         ax.set_xlabel("decode overhead vs no tiering (%)")
         ax.set_ylabel("HBM saved at peak (GB)")
         ax.set_title(f"{model} on {hardware}", fontsize=9)
@@ -137,46 +199,47 @@ def pareto_figure(ok: pd.DataFrame):
     return fig
 
 
-def _by_batch(sub: pd.DataFrame, column: str) -> pd.DataFrame:
-    return sub.groupby("batch")[column].agg(["median", "min", "max"]).sort_index()
-
-
 def overhead_figure(ok: pd.DataFrame):
-    """Median overhead (%) per strategy against batch; the band spans the other grid values."""
+    """Overhead (%) against batch: one line per strategy (colour) and per value of every other swept input (style)."""
     groups, fig, axes = _panels(ok)
+    keys = line_keys(ok)
+    styles = _styles(ok, keys)
     for ax, ((model, hardware), sub) in zip(axes, groups):
-        for strategy, s in sub.groupby("strategy", sort=False):
-            b = _by_batch(s, "overhead_pct")
-            ax.plot(b.index, b["median"], marker="o", ms=4, color=_colour(strategy), label=strategy)
-            if (b["max"] > b["min"]).any():
-                ax.fill_between(b.index, b["min"], b["max"], color=_colour(strategy), alpha=0.15)
+        strategies, combos = _draw_lines(ax, sub, "overhead_pct", keys, styles, "")
         _batch_axis(ax, sub["batch"])
+        _with_zero(ax)
         ax.set_ylabel("decode overhead vs no tiering (%)")
         ax.set_title(f"{model} on {hardware}", fontsize=9)
         ax.grid(alpha=0.3)
-        _legend(ax)
-    fig.suptitle("Overhead against batch (line: median over the other grid values; band: min to max)", fontsize=10)
+        _line_legend(ax, strategies, keys, styles, combos, "", [])
+    fig.suptitle("Overhead against batch (colour: strategy; line style: the other swept inputs)", fontsize=10)
     return fig
 
 
 def occupancy_figure(ok: pd.DataFrame):
-    """Peak HBM (GB) per strategy and without tiering against batch, with the HBM capacity line."""
+    """Peak HBM (GB) against batch per strategy and swept value, without tiering, and the HBM capacity line."""
     groups, fig, axes = _panels(ok)
+    keys = line_keys(ok)
+    styles = _styles(ok, keys)
     for ax, ((model, hardware), sub) in zip(axes, groups):
-        for strategy, s in sub.groupby("strategy", sort=False):
-            b = _by_batch(s, "hbm_peak_gb")
-            ax.plot(b.index, b["median"], marker="o", ms=4, color=_colour(strategy), label=f"{strategy} (peak)")
-        full = _by_batch(sub, "hbm_peak_gb_full")
-        ax.plot(full.index, full["median"], color="dimgray", ls="--", lw=1.2, label="no tiering (peak)")
+        strategies, combos = _draw_lines(ax, sub, "hbm_peak_gb", keys, styles, " (peak)")
+        # Without tiering the peak depends on no policy input: draw each distinct curve once.
+        fulls = {}
+        for _, values, y in sweep_lines(sub, "hbm_peak_gb_full", keys):
+            fulls.setdefault((tuple(y.index), tuple(y.to_numpy())), (values, y))
+        for values, y in fulls.values():
+            ls, marker = ("--", "") if len(fulls) == 1 else styles[_key_label(keys, values)]
+            ax.plot(y.index, y.to_numpy(), color="dimgray", ls=ls, marker=marker, ms=3, lw=1.2, label="no tiering (peak)")
         capacity = float(sub["hbm_capacity_gb"].iloc[0])
-        ax.axhline(capacity, color="k", lw=2.0, label=f"HBM capacity {capacity:g} GB")
+        cap = ax.axhline(capacity, color="k", lw=2.0, label=f"HBM capacity {capacity:g} GB")
         _batch_axis(ax, sub["batch"])
         ax.set_ylabel("peak HBM occupancy (GB = 1e9 B)")
         ax.set_title(f"{model} on {hardware}", fontsize=9)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        _legend(ax)
-    fig.suptitle("HBM occupancy against capacity (median over the other grid values)", fontsize=10)
+        full = Line2D([], [], color="dimgray", ls="--", lw=1.2, label="no tiering (peak)")
+        _line_legend(ax, strategies, keys, styles, combos, " (peak)", [full, cap])
+    fig.suptitle("HBM occupancy against capacity (colour: strategy; line style: the other swept inputs)", fontsize=10)
     return fig
 
 
@@ -228,8 +291,10 @@ def best_within(ok: pd.DataFrame, budget_pct: float) -> pd.DataFrame:
     return best.sort_values(["model_name", "hardware_name", "batch"])
 
 
-def report_markdown(ok: pd.DataFrame, failed: pd.DataFrame, source: str, version: str | None, budget_pct: float) -> str:
+def report_markdown(ok: pd.DataFrame, failed: pd.DataFrame, source: str, version: str | None, budget_pct: float,
+                    image_format: str = "png") -> str:
     """The summary: what was swept, the front, the best within the budget, every point, the failures."""
+    pareto, overhead, occupancy = (Path(name).with_suffix(f".{image_format}").name for name in PLOTS)
     both = pd.concat([ok, failed])
     axes = ", ".join(f"{k} ({', '.join(map(_value, pd.unique(both[k])))})" for k in varying(both)) or "nothing"
     cfg = _config_columns(both)
@@ -242,8 +307,8 @@ def report_markdown(ok: pd.DataFrame, failed: pd.DataFrame, source: str, version
         f"Varying: {axes}. Overhead is the mean decode step against the same batch without tiering; "
         "HBM saved is at the peak; attention lost is the share of attention on evicted (and, for evict-only, "
         "dropped) tokens.", "",
-        "![HBM saved against overhead](pareto.png)", "", "![Overhead against batch](overhead_vs_batch.png)", "",
-        "![HBM occupancy against capacity](hbm_occupancy.png)", "",
+        f"![HBM saved against overhead]({pareto})", "", f"![Overhead against batch]({overhead})", "",
+        f"![HBM occupancy against capacity]({occupancy})", "",
         f"## Pareto front ({len(front)} points; per model and hardware)", "",
         f"Points no other beats on both overhead and HBM saved, among strategies that keep the DDR tier's attention "
         f"(not {', '.join(LOSSY)}).", "", markdown_table(front, {**cfg, **metrics}), "",
@@ -258,13 +323,15 @@ def report_markdown(ok: pd.DataFrame, failed: pd.DataFrame, source: str, version
     return "\n".join(parts)
 
 
-def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, budget_pct: float = 5.0) -> list[Path]:
-    """Write the three plots and report.md into `out_dir`; returns their paths."""
-    out_dir = Path(out_dir)
+def write_report(results: str | os.PathLike, out_dir: str | os.PathLike, budget_pct: float = 5.0, *,
+                 formats: tuple[str, ...] = ("png",)) -> list[Path]:
+    """Write the three plots (one file per format each) and report.md into `out_dir`; returns their paths."""
+    out_dir, formats = Path(out_dir), check_formats(formats)
     ok, failed, version = load_ok_rows(results)
-    paths = [_save(make(ok), out_dir / name) for make, name in
-             zip((pareto_figure, overhead_figure, occupancy_figure), PLOTS)]
+    paths = [path for make, name in zip((pareto_figure, overhead_figure, occupancy_figure), PLOTS)
+             for path in save_figure(make(ok), out_dir / name, formats, dpi=DPI)]
     md = out_dir / "report.md"
+    image = next((f for f in formats if f != "pdf"), formats[0])  # Markdown viewers show PNG and SVG inline, not PDF
     with atomic_path(md) as tmp:
-        tmp.write_text(report_markdown(ok, failed, Path(results).name, version, budget_pct))
+        tmp.write_text(report_markdown(ok, failed, Path(results).name, version, budget_pct, image))
     return [*paths, md]

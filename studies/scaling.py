@@ -25,12 +25,14 @@ import numpy as np
 
 from tiersim.errors import TiersimError
 from tiersim.policy import PolicyConfig
+from tiersim.sim.config import DEFAULT_RESERVE_FRAC, SimConfig, compressed_factor
 from tiersim.sim.costs import GB
-from tiersim.sim.run import DEFAULT_RESERVE_FRAC, SimConfig, compressed_factor, simulate
+from tiersim.sim.run import simulate
 from tiersim.specs import HardwareSpec, ModelSpec, model_spec
+from tiersim.strategy import STRATEGIES
 from tiersim.workload.build import COL, Workload
 
-SCALING_STRATEGIES = ("evict-only", "prefetch-sync", "prefetch-layer", "cpu-attention")
+SCALING_STRATEGIES = tuple(s.name for s in STRATEGIES.values() if s.applies_policy)  # each against `full`
 WEIGHT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
 DEFAULT_MODELS = ("r1-qwen-7b", "r1-qwen-14b", "r1-llama-70b")
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)

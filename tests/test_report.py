@@ -1,9 +1,12 @@
-"""tiersim report: the Pareto front by hand, the plots' labels and lines, the Markdown tables, bad input."""
+"""tiersim report and simulate plots: the Pareto front by hand, the plots' labels and lines (one per swept value),
+legends outside the data, PNG/SVG/PDF files, the Markdown tables, bad input."""
 
 from __future__ import annotations
 
 import struct
+import xml.etree.ElementTree as ET
 
+import matplotlib.colors
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -12,8 +15,12 @@ from click.testing import CliRunner
 
 from tiersim.cli import cli
 from tiersim.errors import TiersimError
+from tiersim.sim import SimConfig, simulate
+from tiersim.specs import hardware_spec, model_spec
+from tiersim.studies.plots import breakdown_figure, links_figure, memory_figure, plot_links, write_plots
 from tiersim.studies.report import (
     best_within,
+    line_keys,
     load_ok_rows,
     occupancy_figure,
     overhead_figure,
@@ -150,3 +157,92 @@ def test_report_cli_and_bad_input(results, tmp_path):
         assert result.exit_code == 1 and len(lines) == 1 and needle in lines[0], result.output
     with pytest.raises(TiersimError, match="no successful point"):
         write_report(tmp_path / "failed.parquet", tmp_path / "o")
+
+
+# -- one line per swept value, legends outside, every format ---------------------------------------
+def check_file(path) -> None:
+    """A real file of the format its suffix names: PNG signature, SVG that parses with an <svg> root, %PDF header."""
+    data = path.read_bytes()
+    if path.suffix == ".png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    elif path.suffix == ".svg":
+        assert ET.fromstring(data).tag == "{http://www.w3.org/2000/svg}svg"
+    else:
+        assert path.suffix == ".pdf" and data[:5] == b"%PDF-" and data.rstrip().endswith(b"%%EOF")
+    assert len(data) > 5_000, path
+
+
+def legends_outside(fig) -> None:
+    """Every visible axes' legend lies wholly to the right of its data area."""
+    fig.canvas.draw()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert axes
+    for ax in axes:
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_sweep_over_beta_draws_one_line_per_beta(results):
+    ok, _, _ = load_ok_rows(results)
+    assert line_keys(ok) == ["hbm_ratio"]  # hardware varies too, but it is the panel
+    colours = {"prefetch-layer": "C0", "cpu-attention": "C2", "evict-only": "C3"}
+    for make, column in ((overhead_figure, "overhead_pct"), (occupancy_figure, "hbm_peak_gb")):
+        fig = make(ok)
+        for ax, hardware in zip(fig.axes, ("h200-sxm", "rtx4090")):
+            assert ax.get_title() == f"r1-qwen-7b on {hardware}"
+            assert ax.get_ylim()[0] <= 0  # magnitudes from zero
+            texts = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert "β=0.3" in texts and "β=0.7" in texts
+            for strategy, colour in colours.items():
+                drawn = [line for line in ax.get_lines() if matplotlib.colors.same_color(line.get_color(), colour)]
+                assert len(drawn) == 2, (column, strategy)  # one per β, not a median over β
+                assert len({(line.get_linestyle(), line.get_marker()) for line in drawn}) == 2
+                expected = {tuple(s.sort_values("batch")[column]) for _, s in
+                            ok[(ok["hardware_name"] == hardware) & (ok["strategy"] == strategy)].groupby("hbm_ratio")}
+                assert {tuple(line.get_ydata()) for line in drawn} == expected
+                assert all(list(line.get_xdata()) == [2, 8] for line in drawn)
+        legends_outside(fig)
+    legends_outside(pareto_figure(ok))
+
+
+def test_report_in_svg_and_pdf(results, tmp_path):
+    paths = write_report(results, tmp_path / "rep", formats=("svg", "pdf"))
+    assert [p.name for p in paths] == ["pareto.svg", "pareto.pdf", "overhead_vs_batch.svg", "overhead_vs_batch.pdf",
+                                       "hbm_occupancy.svg", "hbm_occupancy.pdf", "report.md"]
+    for p in paths[:-1]:
+        check_file(p)
+    md = paths[-1].read_text()
+    assert "![HBM saved against overhead](pareto.svg)" in md and ".png" not in md
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(p.name for p in paths)  # no temporaries left
+
+
+@pytest.mark.parametrize("formats", [("jpg",), ("png", "eps"), (), ("PNG",)])
+def test_bad_format_names_the_flag(results, tmp_path, formats):
+    with pytest.raises(TiersimError, match="^--format: .*accepted: png, svg, pdf$"):
+        write_report(results, tmp_path / "rep", formats=formats)
+    assert not (tmp_path / "rep").exists()  # refused before anything is written
+
+
+@pytest.fixture(scope="module")
+def sim_result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("simplots") / "small.tstrace"
+    params = SynthParams()
+    write_trace(path, [synth_request(params, 40, g, seed) for seed, g in enumerate((250, 330))],
+                model={"id": "synthetic", "shape": {}}, generation={}, metadata={})
+    return simulate(SimConfig(model=model_spec("r1-qwen-7b"), hardware=hardware_spec("h200-sxm"), trace=path,
+                              batch=8, gen_tokens=300, steps=200), workers=1)
+
+
+def test_simulate_plots_in_every_format_legends_outside_axes_from_zero(sim_result, tmp_path):
+    paths = write_plots(sim_result, tmp_path / "sim", formats=("png", "svg", "pdf"))
+    assert [p.name for p in paths] == [f"{n}.{f}" for n in ("memory", "step_breakdown", "links") for f in ("png", "svg", "pdf")]
+    for p in paths:
+        check_file(p)
+    assert write_plots(sim_result, tmp_path / "default") == [tmp_path / "default" / f"{n}.png"
+                                                              for n in ("memory", "step_breakdown", "links")]
+    for make in (memory_figure, breakdown_figure, links_figure):
+        fig = make(sim_result)
+        ax = fig.axes[0]
+        assert ax.get_xlim()[0] == 0 and ax.get_ylim()[0] == 0
+        legends_outside(fig)
+    with pytest.raises(TiersimError, match="--format: 'gif'"):
+        plot_links(sim_result, tmp_path / "x.png", formats=("gif",))

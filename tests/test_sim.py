@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
+import diskcache
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from tiersim.cli import cli
-from tiersim.errors import TiersimError
+from tiersim.errors import ConfigError, TiersimError
 from tiersim.policy import DDR, EVICTED, HBM, PolicyConfig
 from tiersim.sim import SimConfig, simulate
 from tiersim.sim.costs import CostModel
-from tiersim.sim.run import bound_s, make_plan
+from tiersim.sim.plan import bound_s, make_plan
 from tiersim.specs import hardware_spec, model_spec
 from tiersim.traces.format import read_trace, write_trace
 from tiersim.traces.synth import SynthParams, synth_request
+from tiersim.workload import cache
 from tiersim.workload.build import build_workload, slot_rows
 
 P, G = 40, 400
@@ -257,6 +260,22 @@ def test_bad_input_is_one_clear_line(trace_path, tmp_path, args, needle):
     assert not (tmp_path / "o").exists()
 
 
+def test_config_takes_names_and_each_bad_field_is_named():
+    cfg = SimConfig(model="r1-qwen-14b", hardware="h200-sxm", batch=128)
+    assert (cfg.model, cfg.hardware, cfg.batch) == (model_spec("r1-qwen-14b"), hardware_spec("h200-sxm"), 128)
+    assert cfg.strategy_record.staging_buffers(cfg.depth, cfg.model.layers) == 3  # prefetch-layer, depth 2
+    for field, value, needle in (("reserve_frac", 1.0, "reserve_frac must be a number in [0, 1)"),
+                                 ("fixed_compute_ms", 0, "fixed_compute_ms must be a number > 0"),
+                                 ("weight_bits", 3, "weight_bits 3 unknown; accepted: 4, 8, 16, 32"),
+                                 ("hardware", 3, "hardware must be a profile name"),
+                                 ("strategy", "fast", "strategy 'fast' unknown"), ("steps", 0, "steps must be")):
+        with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+            SimConfig(**{"model": "r1-qwen-14b", "hardware": "h200-sxm", field: value})
+        assert e.value.field == field
+    with pytest.raises(TiersimError, match="tpu-v9"):
+        SimConfig(model="r1-qwen-14b", hardware="tpu-v9")
+
+
 def test_trace_with_unreadable_model_shape_is_refused(trace_path, tmp_path):
     src = read_trace(trace_path)
     bad = tmp_path / "bad.tstrace"
@@ -275,25 +294,59 @@ def test_bound_is_below_every_strategy(trace_path):
         assert r.timeline.step_s.mean() >= bound_s(plan_of(cfg, r)).mean() * (1 - 1e-9), strategy
 
 
+def schedule_entries(root) -> list[str]:
+    """Keys of the schedule entries in the bounded store under `root`."""
+    with diskcache.Cache(str(root / cache.STORE)) as store:
+        return sorted(k for k in store.iterkeys() if k.startswith("schedule/"))
+
+
 def test_schedule_cache_hits_give_identical_results_and_bad_entries_are_recomputed(trace_path, tmp_path, monkeypatch):
     monkeypatch.setenv("TIERSIM_CACHE_DIR", str(tmp_path / "cache"))
     cold = simulate(config(trace_path), workers=1)
-    entries = sorted((tmp_path / "cache" / "schedules").glob("*.npz"))
+    entries = schedule_entries(tmp_path / "cache")
     assert len(entries) == 3  # one per trace request
+    assert cache.cache_info()["entries"] == 3  # a synthetic trace carries its own continuation: no fit is stored
     warm = simulate(config(trace_path), workers=1)
     for a, b in zip(cold.workload.schedules, warm.workload.schedules):
         for name, value in a.to_arrays().items():
             np.testing.assert_array_equal(value, b.to_arrays()[name])
-    entries[0].write_bytes(b"not an npz")
+    with diskcache.Cache(str(tmp_path / "cache" / cache.STORE)) as store:
+        store.set(entries[0], b"not an npz")
     again = simulate(config(trace_path), workers=1)
     np.testing.assert_array_equal(again.workload.totals, cold.workload.totals)
-    assert entries[0].read_bytes()[:2] == b"PK"  # rewritten
+    with diskcache.Cache(str(tmp_path / "cache" / cache.STORE)) as store:
+        assert store.get(entries[0])[:2] == b"PK"  # rewritten
     # Another policy is another entry, not a stale hit.
     simulate(config(trace_path, policy=PolicyConfig(hbm_ratio=0.7)), workers=1)
-    assert len(list((tmp_path / "cache" / "schedules").glob("*.npz"))) == 6
+    assert len(schedule_entries(tmp_path / "cache")) == 6
     monkeypatch.setenv("TIERSIM_CACHE", "0")
     off = simulate(config(trace_path, policy=PolicyConfig(hbm_ratio=0.3)), workers=1)
-    assert len(list((tmp_path / "cache" / "schedules").glob("*.npz"))) == 6 and off.summary["fits"]
+    monkeypatch.delenv("TIERSIM_CACHE")
+    assert len(schedule_entries(tmp_path / "cache")) == 6 and off.summary["fits"]
+
+
+def test_schedule_cache_is_bounded_and_can_be_cleared(trace_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIERSIM_CACHE_DIR", str(tmp_path / "cache"))
+    assert cache.cache_info() == {"dir": str(tmp_path / "cache" / cache.STORE), "entries": 0, "bytes": 0,
+                                  "limit": 2_000_000_000}
+    simulate(config(trace_path), workers=1)
+    info = cache.cache_info()
+    assert info["entries"] == 3 and info["bytes"] > 0
+    # A bound below one policy's entries: storing the next ones evicts the entries stored first.
+    first = schedule_entries(tmp_path / "cache")
+    monkeypatch.setenv("TIERSIM_CACHE_MAX_GB", str(info["bytes"] / 1e9))
+    assert cache.cache_info()["limit"] == int(info["bytes"])
+    simulate(config(trace_path, policy=PolicyConfig(hbm_ratio=0.7)), workers=1)
+    kept = schedule_entries(tmp_path / "cache")
+    assert set(first) - set(kept) and cache.cache_info()["bytes"] <= info["bytes"] * 1.5
+    assert cache.cache_clear() == len(kept)
+    assert cache.cache_info()["entries"] == 0
+    monkeypatch.setenv("TIERSIM_CACHE_MAX_GB", "lots")
+    with pytest.raises(TiersimError, match="TIERSIM_CACHE_MAX_GB must be a number > 0"):
+        cache.cache_info()
+    monkeypatch.delenv("TIERSIM_CACHE_MAX_GB")
+    monkeypatch.setenv("TIERSIM_CACHE", "0")
+    assert cache.cache_info()["dir"] is None
 
 
 def test_int4_weights_shrink_weights_and_memory_bound_layers(trace_path):

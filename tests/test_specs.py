@@ -19,6 +19,7 @@ from tiersim.specs import (
     ModelSpec,
     hardware_names,
     hardware_numeric_fields,
+    hardware_optional_fields,
     hardware_spec,
     model_names,
     model_spec,
@@ -116,6 +117,13 @@ KV_BYTES_PER_TOKEN = {  # DESIGN.md §4
     "r1-qwen-1.5b": 28_672, "r1-qwen-7b": 57_344, "r1-llama-8b": 131_072, "llama3.1-8b": 131_072,
     "qwen3-8b": 147_456, "r1-qwen-14b": 196_608, "r1-qwen-32b": 262_144, "qwq-32b": 262_144,
     "qwen3-32b": 262_144, "r1-llama-70b": 327_680, "llama3.1-70b": 327_680, "smollm2-135m": 23_040,
+    # all layers, sliding ones within their window (tests/test_families.py checks the growing part)
+    "qwen3-30b-a3b": 48 * 2 * 4 * 128 * 2,  # 98,304 (DESIGN.md §4)
+    "qwen3-235b-a22b": 94 * 2 * 4 * 128 * 2,  # 192,512
+    "deepseek-r1": 61 * (512 + 64) * 2,  # 70,272: the MLA latent + rope key (DESIGN.md §4)
+    "gpt-oss-20b": 24 * 2 * 8 * 64 * 2,  # 49,152 (24,576 growing: 12 full layers)
+    "gpt-oss-120b": 36 * 2 * 8 * 64 * 2,  # 73,728 (36,864 growing: 18 full layers, DESIGN.md §4)
+    "gemma-3-270m": 18 * 2 * 1 * 256 * 2,  # 18,432 (3,072 growing: 3 full layers)
 }
 
 
@@ -370,7 +378,8 @@ def test_every_profile_loads_with_every_number_sourced(name):
     h = hardware_spec(name)
     assert h.name == name
     assert h.path.endswith(f"{name}.toml")
-    assert set(h.sources) == set(NUMERIC)
+    present_optional = {k for k in hardware_optional_fields() if getattr(h, k) is not None}
+    assert set(h.sources) == set(NUMERIC) | present_optional  # every number given, required or optional, has a source
     assert all(s.strip() for s in h.sources.values())
     assert h.h2d_gbps(pinned=True) == h.h2d_gbps_pinned and h.h2d_gbps(pinned=False) == h.h2d_gbps_pageable
     assert h.d2h_gbps(pinned=True) == h.d2h_gbps_pinned and h.d2h_gbps(pinned=False) == h.d2h_gbps_pageable

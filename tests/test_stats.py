@@ -6,6 +6,7 @@ import json
 import math
 import struct
 import time
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from tiersim.cli import cli
 from tiersim.errors import TiersimError
 from tiersim.policy import TIER_NAMES, PolicyConfig, replay
 from tiersim.traces.format import Request, read_trace, write_trace
-from tiersim.traces.plots import importance_grid, plot_request
+from tiersim.traces.plots import importance_grid, plot_request, request_figure
 from tiersim.traces.stats import (
     STAT_KEYS,
     StatsParams,
@@ -297,8 +298,33 @@ def test_plot_written_with_expected_size(trace_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 20_000  # three panels of real content, not an empty canvas
     assert png_size(out) == (1200, 1100)
-    heat_only = plot_request(read_trace(trace_path)[0], None, tmp_path / "heat.png", dpi=50)
+    [heat_only] = plot_request(read_trace(trace_path)[0], None, tmp_path / "heat.png", dpi=50)
     assert png_size(heat_only) == (600, 200)
+
+
+def test_plot_in_svg_and_pdf_with_the_legend_outside(trace_path, tmp_path):
+    req = read_trace(trace_path)[1]
+    schedule = replay(req, PolicyConfig())
+    paths = plot_request(req, schedule, tmp_path / "req.png", title="t", formats=("svg", "pdf", "png"))
+    assert [p.name for p in paths] == ["req.svg", "req.pdf", "req.png"]
+    svg, pdf, png = (p.read_bytes() for p in paths)
+    assert ET.fromstring(svg).tag == "{http://www.w3.org/2000/svg}svg"
+    assert b"<image" in svg  # the heatmap is embedded as a raster, not 100,000 vector cells
+    assert pdf[:5] == b"%PDF-" and pdf.rstrip().endswith(b"%%EOF")
+    assert png_size(paths[2]) == (1200, 1100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["req.pdf", "req.png", "req.svg"]  # no temporaries left
+    # A suffix that is not a format is kept; the figure's single legend lies right of every panel.
+    assert plot_request(req, None, tmp_path / "heat.v2", formats=("pdf",)) == [tmp_path / "heat.v2.pdf"]
+    fig = request_figure(req, schedule)
+    fig.canvas.draw()
+    [legend] = fig.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == [f"end of prompt ({req.prompt_tokens} tokens)", *TIER_NAMES]
+    assert all(legend.get_window_extent().x0 >= ax.get_window_extent().x1 for ax in fig.axes)
+    assert fig.axes[1].get_ylim()[0] == 0  # tokens per tier from zero
+    with pytest.raises(TiersimError, match="^--format: 'jpeg' is not a plot format; accepted: png, svg, pdf$"):
+        plot_request(req, None, tmp_path / "bad.png", formats=("png", "jpeg"))
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_importance_grid_exact_and_binned():

@@ -1,4 +1,4 @@
-"""hw.TieredCache: the quantiser, the tier index, and exactness on a tiny random Llama and on SmolLM2-135M."""
+"""hw.TieredCache: the quantiser, the tier index, and exactness (own loop and generate) on a tiny random Llama and SmolLM2."""
 
 import numpy as np
 import pytest
@@ -8,17 +8,10 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from tiersim.errors import TiersimError
-from tiersim.hw.tiered_cache import (
-    TieredCache,
-    TierIndex,
-    decode,
-    decode_row,
-    dequantize,
-    prefill_scores,
-    quantize,
-)
+from tiersim.hw.tiered_cache import TieredCache, TierIndex, decode
+from tiersim.hw.tiered_cache_quant import dequantize, quantize
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, PolicyConfig
-from tiersim.traces.capture import SMOLLM2, load_model, resolve_model
+from tiersim.traces.hf import decode_rows, prefill_scores
 
 BETAS = (0.3, 0.5, 0.7)
 SHORT = {"sinks": 2, "window": 8, "interval": 8}  # re-tiers every 8 steps once 10 tokens were generated
@@ -101,9 +94,9 @@ def test_aggregation_matches_capture_by_hand():
     a[0, 0, 0] = torch.tensor([1.0, 0.0, 0.0])
     a[0, 1, 0] = torch.tensor([0.0, 0.5, 0.5])
     b = torch.full((1, 2, 1, 3), 1 / 3)
-    assert np.allclose(decode_row([a, b]), [(0.5 + 1 / 3) / 2, (0.25 + 1 / 3) / 2, (0.25 + 1 / 3) / 2])
+    assert np.allclose(decode_rows([a, b]).mean(0)[0], [(0.5 + 1 / 3) / 2, (0.25 + 1 / 3) / 2, (0.25 + 1 / 3) / 2])
     p = torch.tril(torch.ones(1, 1, 2, 2)) / torch.tensor([1.0, 2.0]).reshape(1, 1, 2, 1)  # rows [1,0], [.5,.5]
-    assert np.allclose(prefill_scores([p, p]), [1.5, 0.5])  # column sums, mean over heads and layers
+    assert np.allclose(prefill_scores([p, p])[0], [1.5, 0.5])  # column sums, mean over heads and layers
 
 
 # ---------------------------------------------------------------- a tiny random Llama (float32, eager)
@@ -156,24 +149,23 @@ def test_tiny_eviction_equals_masking_the_evicted_positions(tiny):
     cache = TieredCache.for_model(tiny, policy(0.3, 0.2))
     tokens, logits = run(tiny, PROMPT, cache, 40)
     ref = DynamicCache(config=tiny.config)
-    reference = TieredCache.for_model(tiny, policy(0.3, 0.2))  # replays the same tiers on a second cache
+    reference = TieredCache.for_model(tiny, policy(0.3, 0.2))  # replays the same tiers; its hooks observe each forward
     with torch.inference_mode():
         ids = torch.tensor([PROMPT])
         out = tiny(input_ids=ids, cache=ref, use_cache=True)
-        out_t = tiny(input_ids=ids, cache=reference, use_cache=True, output_attentions=True)
-        reference.start(out_t.attentions)
+        tiny(input_ids=ids, cache=reference, use_cache=True)
         for i, token in enumerate(tokens[:-1]):
             mask = torch.ones(1, len(PROMPT) + i + 1, dtype=torch.long)
             mask[0, np.flatnonzero(reference.index.tiers == EVICTED)] = 0
             out = tiny(input_ids=torch.tensor([[token]]), cache=ref, attention_mask=mask, use_cache=True)
-            out_t = tiny(input_ids=torch.tensor([[token]]), cache=reference, use_cache=True, output_attentions=True)
-            reference.observe(out_t.attentions)
+            tiny(input_ids=torch.tensor([[token]]), cache=reference, use_cache=True)
             torch.testing.assert_close(out.logits[0, -1], logits[i + 1], rtol=1e-5, atol=1e-5)
     assert int((reference.index.tiers == EVICTED).sum()) > 0
 
 
 def test_tiny_measured_tiers_match_the_policy_and_bytes(tiny):
-    cache = TieredCache.for_model(tiny, policy(0.3, 0.1, compressed_ratio=0.5, compressed_bits=4))
+    """Driven by hand (start/observe on the output attentions), as a loop without hooks would."""
+    cache = TieredCache(policy(0.3, 0.1, compressed_ratio=0.5, compressed_bits=4), 3)
     counts = []
     with torch.inference_mode():
         out = tiny(input_ids=torch.tensor([PROMPT]), cache=cache, use_cache=True, output_attentions=True)
@@ -216,7 +208,17 @@ def test_tiny_bad_use_is_refused(tiny):
     cache = TieredCache.for_model(tiny, policy())
     with torch.inference_mode(), pytest.raises(TiersimError, match="batch 1"):
         tiny(input_ids=torch.tensor([PROMPT, PROMPT]), cache=cache, use_cache=True)
-    cache = TieredCache.for_model(tiny, policy())
+    hooked = TieredCache.for_model(tiny, policy())
+    with torch.inference_mode():
+        tiny(input_ids=torch.tensor([PROMPT]), cache=hooked, use_cache=True, output_attentions=True)
+    with pytest.raises(TiersimError, match="observes the model's attention itself"):
+        hooked.start(None)
+    with torch.inference_mode(), pytest.raises(TiersimError, match="unpadded request"):
+        mask = torch.ones(1, len(PROMPT), dtype=torch.long)
+        mask[0, 3] = 0
+        tiny(input_ids=torch.tensor([PROMPT]), attention_mask=mask, cache=TieredCache.for_model(tiny, policy()),
+             use_cache=True)
+    cache = TieredCache(policy(), 3)
     with torch.inference_mode():
         out = tiny(input_ids=torch.tensor([PROMPT]), cache=cache, use_cache=True, output_attentions=True)
         with pytest.raises(TiersimError, match="before start"):
@@ -237,30 +239,72 @@ def test_tiny_bad_use_is_refused(tiny):
         tiny.config._attn_implementation = "eager"
 
 
+# ---------------------------------------------------------------- inside transformers' generate
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_tiny_generate_with_tiered_cache_equals_plain_generate_and_stops_at_eos(tiny, tiny_full):
+    tokens = tiny_full[0]
+    first = {}
+    for i, t in enumerate(tokens):
+        first.setdefault(t, i)
+    stop = min(i for i in first.values() if i >= 24)  # a token first generated after two re-tiers serves as EOS
+    eos = tokens[stop]
+    ids = torch.tensor([PROMPT])
+    plain = tiny.generate(ids, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert plain[0, len(PROMPT):].tolist() == tokens[: stop + 1]  # generate stopped at that EOS
+    for beta in BETAS:
+        cache = TieredCache.for_model(tiny, policy(beta))
+        out = tiny.generate(ids, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                            past_key_values=cache)
+        assert torch.equal(out, plain), f"β={beta}, r=0: generate with TieredCache differs from plain generate"
+        stats = cache.stats.to_dict()
+        assert stats["decode_steps"] == stop and stats["retiers"] == stop // 8 - 1  # after the 16th, 24th, ... token
+        assert stats["moved_to"]["ddr"] > 0
+    # with eviction generate drives the cache exactly as tiersim's own loop does
+    evicting = TieredCache.for_model(tiny, policy(0.3, 0.2))
+    out = tiny.generate(ids, max_new_tokens=STEPS, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                        past_key_values=evicting)
+    own = TieredCache.for_model(tiny, policy(0.3, 0.2))
+    assert out[0, len(PROMPT):].tolist() == decode(tiny, PROMPT, own, STEPS, eos_token_ids=[eos]).tokens
+    assert evicting.stats.to_dict() == own.stats.to_dict() and evicting.stats.to_dict()["final_tokens"]["evicted"] > 0
+
+
+def test_tiny_generate_refuses_a_batch(tiny):
+    with pytest.raises(TiersimError, match="batch 1.*one prompt per cache") as e:
+        tiny.generate(torch.tensor([PROMPT, PROMPT]), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                      cache=TieredCache.for_model(tiny, policy()))
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- SmolLM2-135M (the real model, DESIGN.md §5)
 
 
 @pytest.fixture(scope="module")
-def smol():
-    loaded = load_model(resolve_model(SMOLLM2))
-    ids = loaded.tokenizer("Tom has 3 apples and buys 5 more. How many apples does he have?")["input_ids"]
-    return loaded.model, ids
+def smol(smollm2):
+    ids = smollm2.tokenizer("Tom has 3 apples and buys 5 more. How many apples does he have?")["input_ids"]
+    return smollm2.model, ids
 
 
-SMOL_STEPS = 40
+SMOL_STEPS = 20
+SMOL = {"sinks": 2, "window": 4, "interval": 4}  # re-tiers after the 8th, 12th and 16th token; r=0.1 evicts at the 16th
+
+
+def smol_policy(hbm_ratio, evict_ratio=0.0):
+    return PolicyConfig(hbm_ratio=hbm_ratio, evict_ratio=evict_ratio, **SMOL)
 
 
 def test_smollm2_exactness(smol):
     model, ids = smol
     full_tokens, full_logits = run(model, ids, None, SMOL_STEPS)
     for beta in BETAS:
-        cache = TieredCache.for_model(model, policy(beta))
+        cache = TieredCache.for_model(model, smol_policy(beta))
         tokens, logits = run(model, ids, cache, SMOL_STEPS)
         assert cache.stats.to_dict()["moved_to"]["ddr"] > 0
         assert tokens == full_tokens and same(logits, full_logits), f"β={beta}, r=0 differs from the full cache"
     evicting = []
     for beta in BETAS:
-        cache = TieredCache.for_model(model, policy(beta, 0.1))
+        cache = TieredCache.for_model(model, smol_policy(beta, 0.1))
         evicting.append(run(model, ids, cache, SMOL_STEPS))
         stats = cache.stats.to_dict()
         assert stats["final_tokens"]["evicted"] > 0 and stats["max_tokens"]["ddr"] > 0
@@ -269,10 +313,22 @@ def test_smollm2_exactness(smol):
     assert not same(evicting[0][1], full_logits)
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_smollm2_generate_with_tiered_cache_equals_plain_generate(smol):
+    model, ids = smol
+    x = torch.tensor([ids])
+    plain = model.generate(x, max_new_tokens=SMOL_STEPS, do_sample=False)
+    cache = TieredCache.for_model(model, smol_policy(0.3))
+    tiered = model.generate(x, max_new_tokens=SMOL_STEPS, do_sample=False, past_key_values=cache)
+    assert torch.equal(tiered, plain)
+    stats = cache.stats.to_dict()
+    assert stats["retiers"] >= 1 and stats["moved_to"]["ddr"] > 0 and stats["final_tokens"]["evicted"] == 0
+
+
 def test_tiny_live_tiers_equal_the_offline_replay_of_a_capture(tiny):
     """The live cache feeds the policy what capture records: replaying a float32 capture gives the same tiers."""
     from tiersim.policy import replay
-    from tiersim.traces.capture import CaptureConfig, capture_batch
+    from tiersim.traces.capture_loop import CaptureConfig, capture_batch
 
     cfg = policy(0.3, 0.0)
     steps = 48

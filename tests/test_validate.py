@@ -12,17 +12,18 @@ import torch
 from click.testing import CliRunner
 
 from tiersim.cli import cli
-from tiersim.errors import TiersimError
+from tiersim.errors import ConfigError, TiersimError
 from tiersim.hw import gpu_suite
 from tiersim.hw.replay import ReplayConfig, Replayer, memory_need, plan_replay, reduced_model, replay
 from tiersim.policy import DDR, HBM, PolicyConfig
 from tiersim.sim import SimConfig, simulate
-from tiersim.sim.run import continuation_params
 from tiersim.specs import ModelSpec, hardware_spec, model_spec
 from tiersim.traces.format import read_trace, write_trace
 from tiersim.traces.synth import SynthParams, synth_request, write_synth_trace
 from tiersim.validate import ValidateConfig, check_trace_spec, validate
 from tiersim.workload.build import build_workload
+from tiersim.workload.config import RunConfig
+from tiersim.workload.demand import continuation_params
 
 # float32 so that a position written into a key comes back exactly
 TINY = ModelSpec("tiny-val", layers=3, attention_heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128,
@@ -244,6 +245,24 @@ def test_a_configuration_that_does_not_fit_is_refused_before_allocating(trace_pa
     assert "lower --batch, --gen-tokens or --layers" in r.output
 
 
+def test_replay_and_validate_configs_extend_the_run_config():
+    cfg = ReplayConfig(model=TINY)
+    assert isinstance(cfg, RunConfig) and (cfg.batch, cfg.gen_tokens, cfg.cold_start, cfg.decode_steps) == (8, 512, True, 512)
+    assert cfg.staging_buffers == 3 and ReplayConfig(model=TINY, strategy="prefetch-sync").staging_buffers == 3
+    assert ReplayConfig(model=TINY, strategy="evict-only").staging_buffers == 0
+    v = ValidateConfig(model=TINY, profile="h200-sxm", layers=2, depth=1)
+    assert v.profile.name == "h200-sxm" and v.replay_config().model.layers == 2 and v.sim_config().model.layers == 2
+    for make in (lambda: ReplayConfig(model=TINY, strategy="cpu-attention"),
+                 lambda: ValidateConfig(model=TINY, profile="h200-sxm", strategy="cpu-attention")):
+        with pytest.raises(ConfigError, match="strategy 'cpu-attention' is simulated but not replayed") as e:
+            make()
+        assert e.value.field == "strategy"
+    with pytest.raises(ConfigError, match="batch must be an integer >= 1, got 0"):
+        ReplayConfig(model=TINY, batch=0)
+    with pytest.raises(ConfigError, match="depth 2 needs more than 2 layers"):
+        ValidateConfig(model=TINY, profile="h200-sxm", layers=2)
+
+
 def test_gpu_suite_entry_runs_shortened_on_cpu(tmp_path):
     out = tmp_path / "suite"
     assert gpu_suite.main(["--out", str(out), "--device", "cpu", "--quick"]) == 0
@@ -261,4 +280,5 @@ def test_gpu_suite_entry_runs_shortened_on_cpu(tmp_path):
     exact = json.loads((out / "exactness.json").read_text())
     assert exact["ran"] and exact["passed"], exact
     assert gpu_suite.main(["--out", str(tmp_path / "none"), "--device", "cuda"]) == 2
+    assert gpu_suite.main(["--device", "cpu"]) == 2  # --out missing: a usage error, as in the main CLI
     assert not torch.cuda.is_available()

@@ -6,6 +6,8 @@
   cannot see (positions after it) are left blank.
 - Tier timeline: tokens per tier (stacked) at every decode step, and the share of each step's
   attention mass that landed on each tier (stacked), from a TierSchedule.
+
+One legend, outside the panels on the right; written as PNG, SVG or PDF (traces/figure_files.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from tiersim.errors import TiersimError  # noqa: E402
-from tiersim.fileio import atomic_path  # noqa: E402
 from tiersim.policy import TIER_NAMES, TierSchedule  # noqa: E402
+from tiersim.traces.figure_files import check_formats, save_figure  # noqa: E402
 from tiersim.traces.format import Request, row_offset  # noqa: E402
 
 TIER_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f")
@@ -53,43 +55,51 @@ def importance_grid(request: Request, max_bins: int = 400) -> tuple[np.ndarray, 
     return grid, step_edges, pos_edges
 
 
-def plot_request(request: Request, schedule: TierSchedule | None, path: str | os.PathLike, *, title: str = "",
-                 max_bins: int = 400, dpi: int = 100) -> Path:
-    """Write a PNG with the importance heatmap and, given a schedule, the tier timeline (atomically)."""
-    path = Path(path)
+def request_figure(request: Request, schedule: TierSchedule | None, *, title: str = "", max_bins: int = 400):
+    """The importance heatmap and, given a schedule, the tier timeline; one legend to the right of every panel."""
     grid, step_edges, pos_edges = importance_grid(request, max_bins)
     panels = 3 if schedule is not None else 1
     fig, axes = plt.subplots(panels, 1, figsize=(12, 4 + 3.5 * (panels - 1)), squeeze=False,
-                             gridspec_kw={"height_ratios": [2.2] + [1] * (panels - 1)}, constrained_layout=True)
+                             gridspec_kw={"height_ratios": [2.2] + [1] * (panels - 1)}, layout="constrained")
     ax = axes[0, 0]
     shown = np.ma.masked_invalid(np.maximum(grid, FLOOR))
     vmax = max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0, FLOOR * 10)
+    # Rasterized: in SVG and PDF a 400 x 400 mesh would otherwise be 160,000 vector quads.
     mesh = ax.pcolormesh(step_edges, pos_edges, shown, norm=LogNorm(vmin=FLOOR, vmax=vmax), cmap="magma",
-                         shading="flat")
-    ax.axhline(request.prompt_tokens, color="cyan", lw=0.8, ls="--", label=f"end of prompt ({request.prompt_tokens} tokens)")
+                         shading="flat", rasterized=True)
+    prompt = ax.axhline(request.prompt_tokens, color="cyan", lw=0.8, ls="--",
+                        label=f"end of prompt ({request.prompt_tokens} tokens)")
     ax.set_xlabel("decode step (query at position prompt + step)")
     ax.set_ylabel("key position (tokens)")
     ax.set_title(title or "importance heatmap")
-    ax.legend(loc="upper left", fontsize=8, framealpha=0.6)
     fig.colorbar(mesh, ax=ax, label="mean attention weight per bin (log scale)")
+    handles = [prompt]
     if schedule is not None:
-        _tier_panels(axes[1, 0], axes[2, 0], schedule)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-    return path
+        handles += _tier_panels(axes[1, 0], axes[2, 0], schedule)
+    # One figure legend outside the panels: the tier colours are the same in both tier panels.
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return fig
 
 
-def _tier_panels(ax_tokens: plt.Axes, ax_mass: plt.Axes, schedule: TierSchedule) -> None:
+def plot_request(request: Request, schedule: TierSchedule | None, path: str | os.PathLike, *, title: str = "",
+                 max_bins: int = 400, dpi: int = 100, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+    """Write request_figure once per format (path's suffix replaced by each), atomically; returns the paths."""
+    formats = check_formats(formats)
+    fig = request_figure(request, schedule, title=title, max_bins=max_bins)
+    return save_figure(fig, path, formats, dpi=dpi, tight=False)  # the figure's size exactly: 12 in x dpi wide
+
+
+def _tier_panels(ax_tokens: plt.Axes, ax_mass: plt.Axes, schedule: TierSchedule) -> list:
+    """Tokens per tier and attention mass share per tier, stacked; returns the tier handles for the legend."""
     steps = np.arange(schedule.steps)
-    labels = [f"{name}" for name in TIER_NAMES]
-    ax_tokens.stackplot(steps, schedule.counts.T, labels=labels, colors=TIER_COLOURS, step="post")
+    labels = list(TIER_NAMES)
+    areas = ax_tokens.stackplot(steps, schedule.counts.T, labels=labels, colors=TIER_COLOURS, step="post")
     ax_tokens.set_xlabel("decode step")
     ax_tokens.set_ylabel("tokens (KV entries)")
     ax_tokens.set_title(f"tokens per tier (β={schedule.config.hbm_ratio:g}, r={schedule.config.evict_ratio:g},"
                         f" Δ={schedule.config.interval}, window={schedule.config.window})")
-    ax_tokens.legend(loc="upper left", fontsize=8)
     ax_tokens.set_xlim(0, max(1, schedule.steps - 1))
+    ax_tokens.set_ylim(bottom=0)
     totals = schedule.mass.sum(axis=1, keepdims=True)
     share = np.divide(schedule.mass, totals, out=np.zeros_like(schedule.mass), where=totals > 0)
     ax_mass.stackplot(steps, share.T, labels=labels, colors=TIER_COLOURS, step="post")
@@ -98,4 +108,4 @@ def _tier_panels(ax_tokens: plt.Axes, ax_mass: plt.Axes, schedule: TierSchedule)
     ax_mass.set_ylim(0, 1)
     ax_mass.set_xlim(0, max(1, schedule.steps - 1))
     ax_mass.set_title("attention mass per tier")
-    ax_mass.legend(loc="lower left", fontsize=8)
+    return list(areas)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tiersim import check
 from tiersim.errors import TiersimError
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, PolicyConfig, TierSchedule, replay
 from tiersim.traces.format import Trace
@@ -118,7 +119,7 @@ def replay_all(requests: list[ExtendedRequest], policy: PolicyConfig, workers: i
                keys: list[str] | None = None):
     """Schedules and tables of every request: from the cache where `keys` hit, else replayed in
     `workers` forked processes (one per core by default) and stored."""
-    done = [cache.load(k, policy) for k in keys] if keys else [None] * len(requests)
+    done = cache.load_schedules(keys, policy) if keys else [None] * len(requests)
     todo = [i for i, d in enumerate(done) if d is None]
     workers = min(len(todo), os.cpu_count() or 1) if workers is None else max(1, workers)
     jobs = [(requests[i], policy) for i in todo]
@@ -129,18 +130,16 @@ def replay_all(requests: list[ExtendedRequest], policy: PolicyConfig, workers: i
             fresh = list(pool.map(_replay_table, jobs))
     for i, result in zip(todo, fresh):
         done[i] = result
-        if keys:
-            cache.store(keys[i], *result)
+    if keys and todo:
+        cache.store_schedules({keys[i]: done[i] for i in todo})
     return done
 
 
 def build_workload(trace: Trace, policy: PolicyConfig, gen_tokens: int, batch: int, steps: int, seed: int,
                    cold_start: bool, params: SynthParams, workers: int | None = None) -> Workload:
     """Run the policy once per distinct request (in parallel) and total the batch per step."""
-    if batch < 1:
-        raise TiersimError(f"batch must be >= 1, got {batch}")
-    if steps < 1:
-        raise TiersimError(f"steps must be >= 1, got {steps}")
+    check.integer("batch", batch, 1)
+    check.integer("steps", steps, 1)
     requests = extend_requests(trace, gen_tokens, params, seed)
     keys = [cache.entry_key(trace, i, policy, gen_tokens, seed, params) for i in range(len(requests))]
     done = replay_all(requests, policy, workers, keys)

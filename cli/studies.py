@@ -1,0 +1,229 @@
+"""Commands over many simulations: `advise` (which option serves best), `scaling` (the paper's table, simulated),
+`sweep` (a grid on a pool or Dask) and `report` (plots and Markdown of a sweep)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tiersim.cli.group import cli
+from tiersim.cli.options import (
+    SIM,
+    WEIGHT_DTYPE_BITS,
+    WeightBits,
+    format_option,
+    hardware_option,
+    json_option,
+    model_option,
+    option,
+    out_file,
+    out_folder,
+    policy_options,
+    run_options,
+    trace_option,
+)
+from tiersim.cli.output import bar, emit_json, need_extra, new_table, print_table, say, spinner
+from tiersim.errors import TiersimError
+
+SCALING = "tiersim.studies.scaling:ScalingConfig"
+ADVISE = "tiersim.api:advise"
+
+
+def _csv(values: tuple[str, ...]) -> list[str]:
+    """Repeatable, comma-separated option values as one list."""
+    return [v.strip() for text in values for v in text.split(",") if v.strip()]
+
+
+def _csv_ints(option: str, text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); anything else names the option and what is accepted."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise TiersimError(f"{option} {text!r} invalid; accepted: comma-separated integers, e.g. 1,8,32") from None
+    if not values:
+        raise TiersimError(f"{option} is empty; accepted: comma-separated integers, e.g. 1,8,32")
+    return values
+
+
+def _joined(values) -> str:
+    """A config's tuple default as the comma-separated text the option takes."""
+    return ",".join(str(v) for v in values)
+
+
+def _weights(text: str) -> tuple[str, ...]:
+    """'16,int4' -> ('fp16', 'int4'); a value neither bits nor a dtype passes on, for ScalingConfig to name it."""
+    from tiersim.cli.options import BITS_DTYPE
+
+    kinds = WeightBits()
+    out = []
+    for v in _csv((text,)):
+        try:
+            out.append(BITS_DTYPE[kinds.convert(v, None, None)] if v.isdigit() else v.lower())
+        except click.BadParameter:
+            out.append(v)
+    return tuple(out)
+
+
+@cli.command()
+@model_option(None, multiple=True, aliases=("--model-spec", "--models"), metavar="NAME[,NAME...]",
+              help="Models (names or config.json; comma-separated or repeated) [default: r1-qwen-7b,r1-qwen-14b,r1-llama-70b].")
+@hardware_option(None, multiple=True, help="Hardware profiles (names or .toml files; comma-separated or repeated) "
+                                           "[default: h200-sxm].")
+@option("--batches", default_from=SCALING, convert=_joined, metavar="N[,N...]", help="Batch sizes.")
+@option("--context", "contexts", default_from=SCALING, convert=_joined, metavar="N[,N...]",
+        help="Generated tokens per sequence (the KV length analysed).")
+@option("--weight-bits", "--weights", "weights", default_from=SCALING, hidden_opts=("--weights",), metavar="BITS[,...]",
+        convert=lambda dtypes: _joined(WEIGHT_DTYPE_BITS[d] for d in dtypes),
+        help="Weight precisions of the grid: 16, 8, 4 (or fp16, bf16, fp32, int8, int4); capacity only, see the README.")
+@option("--strategies", default_from=SCALING, convert=_joined, metavar="NAME[,...]",
+        help="Strategies to simulate against full.")
+@option("--paper/--no-paper", default_from=SCALING,
+        help="Add the paper's scenarios (7B and 70B, batch 1 and 8, 2K and 4K tokens, fp16 and int4).")
+@option("--steps", type=int, default_from=SCALING, help="Decode steps per simulation (warm start).")
+@trace_option
+@run_options(SCALING, ("depth", "pinned", "seed", "reserve_frac"))
+@policy_options
+@json_option
+@out_folder("Folder for scaling.json and scaling.csv.")
+def scaling(model, hardware, batches, contexts, weights, strategies, paper, steps, trace, depth, pinned, seed,
+            reserve_frac, policy, json_out: str | None, out: Path | None) -> None:
+    """The paper's scaling analysis with real KV heads, simulated."""
+    from tiersim import api
+
+    args = dict(model=_csv(model) or None, hardware=_csv(hardware) or "h200-sxm", policy=policy,
+                batches=_csv_ints("--batches", batches), contexts=_csv_ints("--context", contexts), weights=_weights(weights),
+                strategies=tuple(_csv((strategies,))), paper=paper, steps=steps, trace=trace, depth=depth, pinned=pinned,
+                seed=seed, reserve_frac=reserve_frac)
+    with bar("scaling: simulated points") as advance:
+        rows = api.scaling(**args, progress=advance)
+    if out is not None:
+        import pandas as pd
+
+        from tiersim.fileio import atomic_path, write_json
+
+        write_json(out / "scaling.json", rows)
+        with atomic_path(out / "scaling.csv") as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+    if emit_json(json_out, rows):
+        return
+    print_scaling(rows, policy, steps, tuple(_csv((strategies,))))
+    if out is not None:
+        say(f"wrote {out}/scaling.json, scaling.csv")
+
+
+def print_scaling(rows: list[dict], policy, steps: int, strategies: tuple[str, ...]) -> None:
+    """The scaling table: capacity at the end of the chain, then simulated overhead per strategy."""
+    short = {"evict-only": "evict", "prefetch-sync": "sync", "prefetch-layer": "layer", "cpu-attention": "cpu-attn"}
+    t = new_table(f"KV cache at the end of the chain (real KV heads vs the paper's formula), β={policy.hbm_ratio} "
+                  f"r={policy.evict_ratio}; overhead vs full simulated over {steps} steps of steady batching with weights "
+                  f"at the model's dtype; * = the paper's scenario",
+                  ("model", "hardware", "batch", "tokens", "weights", "KV GB (paper formula)", "weights GB", "KV/HBM",
+                   "saved GB", "fits full/tiered", "DDR GB/step (link ms)", "full ms/step",
+                   *(f"{short[s]} %" for s in strategies)), left=("model", "hardware", "weights"))
+    t.columns[0].no_wrap = True
+    yn = lambda v: "yes" if v else "NO"  # noqa: E731
+    for r in rows:
+        t.add_row(r["model"] + ("*" if r["paper_scenario"] else ""), r["hardware"], str(r["batch"]), str(r["context"]),
+                  r["weights_dtype"], f"{r['kv_gb']:.2f} ({r['kv_gb_paper_formula']:.2f})", f"{r['weights_gb']:.1f}",
+                  f"{100 * r['kv_share_hbm']:.1f}%", f"{r['hbm_saved_gb']:.2f}", f"{yn(r['fits_full'])}/{yn(r['fits_tiered'])}",
+                  f"{r['ddr_gb_per_step']:.3f} ({r['ddr_link_ms_per_step']:.1f})", f"{r['step_ms_full']:.2f}",
+                  *(f"{r[f'overhead_pct_{s}']:.1f}" for s in strategies))
+    print_table(t)
+
+
+@cli.command()
+@model_option(ADVISE, help="Model to serve.")
+@hardware_option(ADVISE)
+@run_options(SIM, ("gen_tokens",))
+@click.option("--slo-ms", type=float, default=None, help="Bound on the p99 decode step time (ms per output token).")
+@option("--steps", type=int, default_from=ADVISE, help="Decode steps per simulation (warm start).")
+@option("--max-batch", type=int, default_from=ADVISE, help="Largest batch tried.")
+@run_options(SIM, ("depth",))
+@trace_option
+@run_options(SIM, ("pinned", "seed", "reserve_frac"))
+@policy_options
+@json_option
+def advise(slo_ms: float | None, max_batch: int, policy, json_out: str | None, **fields) -> None:
+    """Which strategy and batch serve best: full, tiered, evict-only."""
+    from tiersim import api
+
+    api.sim_config(policy=policy, **fields)  # every input checked before the spinner starts
+    with spinner("advise: each option at its throughput-best batch"):
+        a = api.advise(slo_ms=slo_ms, max_batch=max_batch, policy=policy, **fields)
+    if emit_json(json_out, a.to_dict()):
+        return
+    slo = f", p99 step ≤ {slo_ms:g} ms" if slo_ms is not None else ""
+    t = new_table(f"{a.model} on {a.hardware}, {a.gen_tokens}-token chains, each option at its throughput-best batch{slo}",
+                  ("option", "batch", "largest fitting (est.)", "tokens/s", "step ms mean / p99",
+                   f"HBM GB (of {a.hbm_capacity_gb:g})", "attention mass lost"), left=("option",))
+    for o in a.options:
+        if not o.viable:
+            t.add_row(o.strategy, "—", str(o.max_batch_estimate), "—", "—", "—", "—")
+            continue
+        t.add_row(o.strategy, str(o.batch), str(o.max_batch_estimate), f"{o.throughput_tok_s:,.0f}",
+                  f"{o.step_ms_mean:.2f} / {o.step_ms_p99:.2f}", f"{o.hbm_peak_gb:.1f}", f"{100 * o.attention_mass_lost:.2f}%")
+    print_table(t)
+    say(a.verdict)
+
+
+@cli.command()
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False, path_type=Path), required=True, metavar="GRID.toml",
+              help="Simulate options (dashes or underscores), each a list of values; relative paths start at the grid.")
+@click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="local: a process pool; dask: a Dask scheduler, or a LocalCluster on loopback.")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT", help="Dask scheduler to submit to (--engine dask).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes of the local pool or LocalCluster [default: one per core].")
+@out_file("Results: one row per point (written atomically at the end; finished points kept as they come).", required=True,
+          metavar="RESULTS.parquet")
+@click.option("--resume", is_flag=True, help="Skip points already done in RESULTS (or left by an interrupted sweep).")
+@json_option
+def sweep(grid_path: Path, engine: str, scheduler: str | None, workers: int | None, out: Path, resume: bool,
+          json_out: str | None) -> None:
+    """Run a grid of simulations on a process pool or Dask."""
+    import sys
+
+    from tiersim import api
+
+    if engine == "dask":
+        need_extra("sweep --engine dask", "dist")
+    try:
+        stats = api.sweep(grid_path, out, engine=engine, workers=workers, scheduler=scheduler, resume=resume,
+                          progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        from tiersim.studies.sweep import partial_dir
+
+        folder = partial_dir(out)
+        kept = len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
+        raise click.ClickException(f"interrupted: {out} untouched; {kept} finished points kept in {folder}, "
+                                   f"rerun with --resume") from None
+    if emit_json(json_out, {"grid": str(grid_path), "out": str(out), "engine": engine, **stats.to_dict()}):
+        return
+    t = new_table(f"{grid_path.name}: {stats.points} points on {engine}",
+                  ("points", "skipped (done)", "simulated", "failed", "rows in results", "wall s", "points/s"))
+    t.add_row(str(stats.points), str(stats.skipped), str(stats.ran), str(stats.failed), str(stats.rows),
+              f"{stats.wall_s:.1f}", f"{stats.points_per_s:.2f}")
+    print_table(t)
+    for error in stats.errors:
+        say(f"failed: {error}")
+    say(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path), metavar="RESULTS.parquet")
+@out_folder("Folder for pareto, overhead_vs_batch and hbm_occupancy plots and report.md.", required=True, check=False)
+@format_option
+@click.option("--overhead-budget", "budget_pct", type=float, default=5.0, show_default=True, metavar="PCT",
+              help="report.md lists the largest HBM saving within this overhead per batch.")
+def report(results: Path, out: Path, formats: tuple[str, ...], budget_pct: float) -> None:
+    """Plots and a Markdown summary of a sweep's results."""
+    from tiersim.cli.options import writable
+    from tiersim.studies.report import load_ok_rows, write_report
+
+    load_ok_rows(results)  # a bad results file is the more useful message, so it is refused before --out
+    writable("--out", out, folder=True)
+    with spinner(f"report of {results.name}"):
+        paths = write_report(results, out, budget_pct, formats=formats)
+    say(f"wrote {', '.join(str(p) for p in paths)}")
