@@ -144,7 +144,7 @@ def default_profile(device: str) -> HardwareSpec:
     sheet = datasheet_for(info)
     if sheet is None:
         what = "this CPU" if dev.type == "cpu" else info["name"]
-        raise TiersimError(f"no built-in profile for {what}; accepted: --profile FILE.toml "
+        raise TiersimError(f"no built-in profile for {what}; accepted: --hardware FILE.toml "
                            f"(make one with `tiersim calibrate --device {device} --out FILE.toml`)")
     return sheet
 
@@ -162,7 +162,8 @@ def validate(cfg: ValidateConfig, trace: Trace | None = None, full: ReplayResult
 
     `full` is a ReplayResult of `full` to reuse (the suite shares one per batch size).
     """
-    info = device_info or describe_device(resolve_device(cfg.device))
+    dev = resolve_device(cfg.device)  # refuse a missing device before any work
+    info = device_info or describe_device(dev)
     trace = trace if trace is not None else load_trace(cfg.trace)
     if cfg.trace is None:
         cfg = dataclasses.replace(cfg, trace=Path(trace.path))

@@ -28,7 +28,7 @@ FIDELITY_POLICY = "tiersim.hw.fidelity:FIDELITY_POLICY"
 
 def _device_or_usage(device: str):
     """Resolve --device; a device that is not there is a usage error (exit status 2)."""
-    from tiersim.hw.microbench import DeviceError, resolve_device
+    from tiersim.hw.device import DeviceError, resolve_device
 
     try:
         return resolve_device(device)

@@ -89,7 +89,7 @@ def line_keys(ok: pd.DataFrame) -> list[str]:
     and the panel (model, hardware; kept when two spec files share a name)."""
     panels = ok.groupby(["model_name", "hardware_name"], sort=False)
     return [k for k in varying(ok) if k not in ("batch", "strategy")
-            and not (k in ("model_spec", "hardware") and panels[k].nunique(dropna=False).max() <= 1)]
+            and not (k in ("model", "hardware") and panels[k].nunique(dropna=False).max() <= 1)]
 
 
 def _key_label(keys: list[str], values: tuple) -> str:
@@ -277,7 +277,7 @@ METRICS = {"overhead_pct": "overhead %", "hbm_saved_gb": "HBM saved GB", "hbm_pe
 def _config_columns(df: pd.DataFrame, names: tuple[str, str] = ("model_name", "hardware_name")) -> dict[str, str]:
     keys = {names[0]: "model", names[1]: "hardware", "batch": "batch", "strategy": "strategy"}
     for k in varying(df):
-        if k not in ("model_spec", "hardware", "batch", "strategy"):
+        if k not in ("model", "hardware", "batch", "strategy"):
             keys[k] = k
     return keys
 
@@ -318,7 +318,7 @@ def report_markdown(ok: pd.DataFrame, failed: pd.DataFrame, source: str, version
     ]
     if len(failed):
         parts += [f"## Failed points ({len(failed)})", "",
-                  markdown_table(failed, {"point_id": "point", **_config_columns(both, ("model_spec", "hardware")),
+                  markdown_table(failed, {"point_id": "point", **_config_columns(both, ("model", "hardware")),
                                           "error": "error"}), ""]
     return "\n".join(parts)
 

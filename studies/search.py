@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 
 from tiersim.errors import TiersimError
-from tiersim.sim.costs import GB
 from tiersim.sim.config import SimConfig
+from tiersim.sim.costs import GB
 from tiersim.sim.run import SimResult, simulate
 from tiersim.strategy import BASELINE, STRATEGIES, get_strategy
 

@@ -76,10 +76,12 @@ def _field_kinds(cls, skip: tuple[str, ...] = ()) -> dict[str, str]:
 # Grid keys: the two spec names, then every SimConfig and PolicyConfig field, so they never drift.
 SIM_KEYS = _field_defaults(SimConfig, skip=("model", "hardware", "policy"))
 POLICY_KEYS = _field_defaults(PolicyConfig)
-DEFAULTS: dict[str, Any] = {"model_spec": DEFAULT_MODEL, "hardware": DEFAULT_HARDWARE, **SIM_KEYS, **POLICY_KEYS}
-KINDS: dict[str, str] = {"model_spec": "str", "hardware": "str",
+DEFAULTS: dict[str, Any] = {"model": DEFAULT_MODEL, "hardware": DEFAULT_HARDWARE, **SIM_KEYS, **POLICY_KEYS}
+KINDS: dict[str, str] = {"model": "str", "hardware": "str",
                          **_field_kinds(SimConfig, skip=("model", "hardware", "policy")), **_field_kinds(PolicyConfig)}
-_PATH_KEYS = ("model_spec", "hardware", "trace")
+_PATH_KEYS = ("model", "hardware", "trace")
+# Older spellings of grid keys, kept so existing grids still run (the CLI renamed --model-spec to --model).
+KEY_ALIASES = {"model_spec": "model"}
 
 
 def grid_keys() -> tuple[str, ...]:
@@ -183,7 +185,7 @@ class Grid:
         sim = {k: values[k] for k in SIM_KEYS}
         if sim["trace"] is not None:
             sim["trace"] = self._path(sim["trace"])
-        return SimConfig(model=spec("model", values["model_spec"], model_spec),
+        return SimConfig(model=spec("model", values["model"], model_spec),
                          hardware=spec("hardware", values["hardware"], hardware_spec),
                          policy=PolicyConfig(**{k: values[k] for k in POLICY_KEYS}), **sim)
 
@@ -193,10 +195,11 @@ def parse_grid(data: dict[str, Any], base_dir: Path = Path("."), source: str = "
     axes: dict[str, tuple] = {}
     for raw, values in data.items():
         key = raw.replace("-", "_")
+        key = KEY_ALIASES.get(key, key)
         if key not in DEFAULTS:
             raise TiersimError(f"{source}: grid key {raw!r} is not a simulate option; accepted: {_accepted()}")
         if key in axes:
-            raise TiersimError(f"{source}: grid key {raw!r} is given twice (dashes and underscores name the same option)")
+            raise TiersimError(f"{source}: grid key {raw!r} is given twice (dashes and underscores, or an old spelling, name the same option)")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise TiersimError(f"{source}: grid key {raw!r} has an empty list; give at least one value")

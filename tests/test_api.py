@@ -25,7 +25,8 @@ WALL = ("sim_wall_s", "sim_events")
 def trace_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("api") / "small.tstrace"
     requests = [synth_request(SynthParams(), 32, g, seed) for seed, g in enumerate((250, 330))]
-    write_trace(path, requests, model={"id": "synthetic", "shape": {}}, generation={}, metadata={})
+    write_trace(path, requests, model={"id": "synthetic", "shape": {}}, generation={},
+                metadata={"synthetic": SynthParams().to_dict()})  # known generator: no continuation fit
     return path
 
 

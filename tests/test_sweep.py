@@ -26,7 +26,7 @@ from tiersim.studies.sweep import DEFAULTS, WALL_COLUMNS, grid_keys, parse_grid,
 from tiersim.traces.format import write_trace
 from tiersim.traces.synth import SynthParams, synth_request
 
-TINY = {"model-spec": ["r1-qwen-7b"], "gen-tokens": [200], "steps": [50]}
+TINY = {"model": ["r1-qwen-7b"], "gen-tokens": [200], "steps": [50]}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def comparable(df: pd.DataFrame) -> pd.DataFrame:
 def test_grid_keys_are_the_simulate_options_and_their_defaults():
     command = click.command()(simulate_options(policy_options(lambda **kw: None)))
     ctx = click.Context(command)
-    # A grid key is one of the option's spellings (--model's hidden alias --model-spec names the results column).
+    # A grid key is the option's name (old spellings such as model-spec are accepted as aliases).
     spelled = lambda p: next((k for k in (o.lstrip("-").replace("-", "_") for o in p.opts) if k in DEFAULTS),
                              p.opts[0].lstrip("-").replace("-", "_"))
     options = {spelled(p): p.get_default(ctx) for p in command.params}
@@ -63,7 +63,7 @@ def test_grid_keys_are_the_simulate_options_and_their_defaults():
 def test_both_spellings_give_the_same_grid_and_numbers_become_floats(trace_dir):
     a = parse_grid({"hbm-ratio": [0.3, 1], "gen-tokens": [200], "model-spec": ["r1-qwen-7b"]})
     b = parse_grid({"hbm_ratio": [0.3, 1.0], "gen_tokens": [200], "model_spec": ["r1-qwen-7b"]})
-    assert a.axes == b.axes == (("hbm_ratio", (0.3, 1.0)), ("gen_tokens", (200,)), ("model_spec", ("r1-qwen-7b",)))
+    assert a.axes == b.axes == (("hbm_ratio", (0.3, 1.0)), ("gen_tokens", (200,)), ("model", ("r1-qwen-7b",)))
     assert [p.point_id for p in a.points()] == [p.point_id for p in b.points()]
     assert isinstance(a.axes[0][1][1], float)
 
@@ -91,7 +91,7 @@ def test_grid_file_paths_start_at_the_grid_folder(trace_dir, tmp_path):
 
 
 @pytest.mark.parametrize("data, needles", [
-    ({"hbm-ration": [0.3]}, ["'hbm-ration' is not a simulate option", "hbm-ratio", "model-spec", "gen-tokens", "sticky"]),
+    ({"hbm-ration": [0.3]}, ["'hbm-ration' is not a simulate option", "hbm-ratio", "model", "gen-tokens", "sticky"]),
     ({"batch": []}, ["'batch' has an empty list"]),
     ({"hbm-ratio": [0.3], "hbm_ratio": [0.5]}, ["given twice"]),
     ({"batch": [8, 8]}, ["lists 8 twice"]),
@@ -282,7 +282,7 @@ def test_sweep_cli(trace_dir, tmp_path):
     grid.write_text("batchsize = [2]\n")
     result = CliRunner().invoke(cli, ["sweep", "--grid", str(grid), "--out", str(tmp_path / "x.parquet")])
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and "accepted: model-spec, hardware, trace" in lines[0]
+    assert result.exit_code == 1 and len(lines) == 1 and "accepted: model, hardware, trace" in lines[0]
     assert not (tmp_path / "x.parquet").exists()
 
 
