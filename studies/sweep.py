@@ -199,7 +199,7 @@ def parse_grid(data: dict[str, Any], base_dir: Path = Path("."), source: str = "
         if key not in DEFAULTS:
             raise TiersimError(f"{source}: grid key {raw!r} is not a simulate option; accepted: {_accepted()}")
         if key in axes:
-            raise TiersimError(f"{source}: grid key {raw!r} is given twice (dashes and underscores, or an old spelling, name the same option)")
+            raise TiersimError(f"{source}: grid key {raw!r} is given twice (spellings name the same option)")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise TiersimError(f"{source}: grid key {raw!r} has an empty list; give at least one value")
