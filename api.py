@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     from tiersim.policy import PolicyConfig
     from tiersim.sim import SimConfig, SimResult
     from tiersim.specs import HardwareSpec, ModelSpec
+    from tiersim.studies.prototype import PrototypeReproduction
     from tiersim.studies.search import Advice, SearchResult
     from tiersim.studies.sweep import SweepStats
     from tiersim.traces.capture import CaptureResult
 
-__all__ = ["advise", "calibrate", "capture", "scaling", "search", "simulate", "sweep", "validate"]
+__all__ = ["advise", "calibrate", "capture", "reproduce_prototype", "scaling", "search", "simulate", "sweep", "validate"]
 
 # Weight precisions by bits, as ScalingConfig names them.
 _BITS_DTYPE = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
@@ -85,19 +86,32 @@ def split_fields(fields: dict[str, Any], config: type, policy: PolicyConfig | No
 
 def sim_config(model: str | os.PathLike | ModelSpec = "r1-qwen-14b", hardware: str | os.PathLike | HardwareSpec = "h200-sxm",
                *, policy: PolicyConfig | None = None, **fields) -> SimConfig:
-    """A checked SimConfig from names (or specs) and any SimConfig / PolicyConfig field."""
+    """A checked SimConfig from names (or specs) and any SimConfig / PolicyConfig field.
+
+    `ep="all"` spreads the experts over every GPU of the deployment (tp × dp), as vLLM's --enable-expert-parallel,
+    which a dense model ignores (ep 1).
+    """
     from tiersim.sim import SimConfig
 
     rest, policy = split_fields(fields, SimConfig, policy, skip=("model", "hardware"))
-    return SimConfig(model=as_model(model), hardware=as_hardware(hardware), policy=policy, **rest)
+    spec = as_model(model)
+    if isinstance(rest.get("ep"), str) and rest["ep"].lower() == "all":
+        # A bad tp or dp is refused by SimConfig, by name.
+        rest["ep"] = rest.get("tp", 1) * rest.get("dp", 1) if spec.moe is not None else 1
+    return SimConfig(model=spec, hardware=as_hardware(hardware), policy=policy, **rest)
 
 
 def simulate(model: str | os.PathLike | ModelSpec = "r1-qwen-14b", hardware: str | os.PathLike | HardwareSpec = "h200-sxm",
-             *, policy: PolicyConfig | None = None, workers: int | None = None, **fields) -> SimResult:
-    """One simulation and its `full` baseline: `.summary` (dict), `.steps` (DataFrame, one row per decode step)."""
+             *, policy: PolicyConfig | None = None, workers: int | None = None, compare: bool = False,
+             **fields) -> SimResult:
+    """One simulation and its `full` baseline: `.summary` (dict), `.steps` (DataFrame, one row per decode step).
+
+    `compare=True` adds what `tiersim simulate` prints besides: `full` at its largest fitting batch, the
+    alternatives and the verdict (sim/verdict.py; a few more simulations).
+    """
     from tiersim.sim import simulate as run
 
-    return run(sim_config(model, hardware, policy=policy, **fields), workers=workers)
+    return run(sim_config(model, hardware, policy=policy, **fields), workers=workers, compare=compare)
 
 
 def search(target_overhead: float, model: str | os.PathLike | ModelSpec = "r1-qwen-14b",
@@ -137,7 +151,8 @@ def scaling(model: Any = None, hardware: Any = "h200-sxm", *, weight_bits: Any =
     """The paper's scaling analysis with real KV heads, one row (dict) per scenario, simulated.
 
     `model` and `hardware` take one or several names/files/specs; `weight_bits` one or several of 16, 8, 4, 32
-    (or dtype names; `weights=` is the ScalingConfig spelling); other keywords are ScalingConfig/PolicyConfig fields.
+    (or dtype names, or native: the checkpoint's format; `weights=` is the ScalingConfig spelling); `tps` one or
+    several tensor-parallel sizes; other keywords are ScalingConfig/PolicyConfig fields.
     """
     from tiersim.studies.scaling import DEFAULT_MODELS, ScalingConfig, scaling_rows
 
@@ -146,12 +161,22 @@ def scaling(model: Any = None, hardware: Any = "h200-sxm", *, weight_bits: Any =
         if "weights" in rest:
             raise ConfigError("weight_bits", "give weight_bits or weights, not both")
         rest["weights"] = tuple(_BITS_DTYPE.get(b, b) if isinstance(b, int) else str(b) for b in _listed(weight_bits))
-    for name in ("batches", "contexts", "weights", "strategies"):
+    for name in ("batches", "contexts", "weights", "strategies", "tps"):
         if name in rest:
             rest[name] = _listed(rest[name])
     models = tuple(as_model(m) for m in (_listed(model) or DEFAULT_MODELS))
     gpus = tuple(as_hardware(h) for h in _listed(hardware))
     return scaling_rows(ScalingConfig(models=models, hardware=gpus, policy=policy, **rest), progress)
+
+
+def reproduce_prototype(gen_tokens: int = 2560, requests: int = 1, compute_ms: float = 47.0,
+                        trace: str | os.PathLike | None = None, hbm_ratio: float = 0.5, evict_ratio: float = 0.1,
+                        workers: int | None = 1) -> PrototypeReproduction:
+    """The authors' system prototype run through tiersim: its reported figures beside tiersim's (`.rows()`,
+    `.titles()`, `.figures`; studies/prototype.py says where and why they differ)."""
+    from tiersim.studies.prototype import reproduce_prototype as run
+
+    return run(gen_tokens, requests, compute_ms, trace, hbm_ratio, evict_ratio, workers=workers)
 
 
 def sweep(grid: str | os.PathLike | dict, out: str | os.PathLike, *, engine: str = "local", workers: int | None = None,

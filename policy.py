@@ -8,13 +8,18 @@ Timeline of decode step t (0-based) of a request with a P-token prompt: the toke
 is appended to the cache in HBM, its query attends over positions 0..P+t and those weights are added
 to the scores; if t+1 generated tokens are now cached, t+1 is a multiple of `interval` and
 t+1 > sinks + window, the cache is re-tiered at the end of the step, effective from step t+1.
+
+Eviction modes: `target` (default: r of all candidates evicted in total, offloaded tokens re-scored
+and promotable), `compound` (the authors' accuracy code: each round evicts r of the survivors) and
+`prototype` (the authors' system prototype, `manage_cache`: only HBM-resident candidates are re-tiered;
+a round with fewer than `PROTOTYPE_MIN_CANDIDATES` of them is skipped and is no re-tier point).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -23,7 +28,9 @@ from tiersim.errors import PolicyError
 
 HBM, DDR, COMPRESSED, EVICTED = 0, 1, 2, 3
 TIER_NAMES = ("hbm", "ddr", "compressed", "evicted")
-EVICTION_MODES = ("target", "compound")
+EVICTION_MODES = ("target", "compound", "prototype")
+# manage_cache returns early when fewer GPU-resident candidates than this are left (DESIGN.md §1).
+PROTOTYPE_MIN_CANDIDATES = 10
 COMPRESSED_BITS = (2, 4, 8)
 TRANSITION_KINDS = ("demoted", "promoted", "compressed", "decompressed", "evicted")
 
@@ -40,7 +47,14 @@ def _check_int(name: str, value: int, minimum: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    """The knobs of the method; defaults are the paper's (DESIGN.md §1) with non-compounding eviction."""
+    """The knobs of the method; defaults are the paper's (DESIGN.md §1) with non-compounding eviction.
+
+    `page_size` is the tiering unit in tokens. None means "the run's KV block": a simulation or replay
+    (`for_block_size`) tiers whole blocks, except in the `prototype` mode, which works per token as the
+    authors' `manage_cache` did (None → 1 there). A policy used on its own (`TieringPolicy`, `replay`
+    without a run) treats None as 1: per token. A given page_size is always kept (`--page-size 1
+    --block-size 16` tiers single tokens inside 16-token blocks).
+    """
 
     hbm_ratio: float = 0.5
     evict_ratio: float = 0.03
@@ -49,7 +63,7 @@ class PolicyConfig:
     interval: int = 64
     compressed_ratio: float = 0.0
     compressed_bits: int = 8
-    page_size: int = 1
+    page_size: int | None = None
     eviction: str = "target"
     sticky: bool = False
 
@@ -60,13 +74,35 @@ class PolicyConfig:
         _check_int("sinks", self.sinks, 0)
         _check_int("window", self.window, 0)
         _check_int("interval", self.interval, 1)
-        _check_int("page_size", self.page_size, 1)
+        if self.page_size is not None:
+            _check_int("page_size", self.page_size, 1)
         if self.compressed_bits not in COMPRESSED_BITS or isinstance(self.compressed_bits, bool):
             raise PolicyError(f"compressed_bits must be one of {COMPRESSED_BITS}, got {self.compressed_bits!r}")
         if self.eviction not in EVICTION_MODES:
             raise PolicyError(f"eviction must be one of {EVICTION_MODES}, got {self.eviction!r}")
         if not isinstance(self.sticky, bool):
             raise PolicyError(f"sticky must be true or false, got {self.sticky!r}")
+        if self.eviction == "prototype" and self.compressed_ratio > 0:
+            raise PolicyError(f"compressed_ratio must be 0 with eviction 'prototype' (the authors' prototype has "
+                              f"no compressed tier), got {self.compressed_ratio!r}")
+
+    @property
+    def unit(self) -> int:
+        """Tokens per tiering unit when the policy runs on its own: page_size, or 1 (per token) when unset."""
+        return 1 if self.page_size is None else self.page_size
+
+    def for_block_size(self, block_size: int) -> PolicyConfig:
+        """This policy inside a run whose KV blocks hold `block_size` tokens: an unset page_size becomes the block
+        (the prototype's: 1, it tiers tokens); a given one is kept."""
+        if self.page_size is not None:
+            return self
+        return replace(self, page_size=1 if self.eviction == "prototype" else block_size)
+
+    @property
+    def freezes_offloaded(self) -> bool:
+        """Whether tokens off HBM stop being scored (`sticky`, and always in the prototype, whose DDR
+        tokens are no longer in the cache the model attends over)."""
+        return self.sticky or self.eviction == "prototype"
 
     def to_dict(self) -> dict:
         """Plain dict of the knobs, for headers and summaries."""
@@ -189,7 +225,7 @@ class TieringPolicy:
         self._tiers[length - 1] = HBM
         self._scores[length - 1] = 0.0
         scores = self._scores[:length]
-        if self.config.sticky:
+        if self.config.freezes_offloaded:
             # The authors' prototype never re-scored offloaded tokens.
             scores += np.where(self._tiers[:length] == HBM, increments, 0.0)
         else:
@@ -204,12 +240,15 @@ class TieringPolicy:
         return TierChanges(step, _NO_MOVES, _NO_TIERS, _NO_TIERS)
 
     def _retier(self, step: int) -> TierChanges:
-        cfg, n = self.config, self.config.page_size
+        cfg, n = self.config, self.config.unit
         first, stop = candidate_pages(cfg, self.prompt_tokens, self._length)
         lo, hi = first * n, stop * n
         old = self._tiers[lo:hi:n].copy()
         page_scores = self._scores[lo:hi].reshape(-1, n).sum(axis=1)
-        new = _assign_tiers(cfg, old, page_scores)
+        new = _assign_prototype(cfg, old, page_scores) if cfg.eviction == "prototype" else \
+            _assign_tiers(cfg, old, page_scores)
+        if new is None:  # a skipped prototype round: not a re-tier point
+            return TierChanges(step, _NO_MOVES, _NO_TIERS, _NO_TIERS)
         moved = np.flatnonzero(new != old)
         if moved.size == 0:
             return TierChanges(step, _NO_MOVES, _NO_TIERS, _NO_TIERS, retiered=True)
@@ -255,6 +294,27 @@ def _assign_sticky(cfg: PolicyConfig, old: np.ndarray, new: np.ndarray, rest: np
     if n_compress > 0:
         in_ddr = offloaded[new[offloaded] == DDR]
         new[in_ddr[:n_compress]] = COMPRESSED
+    return new
+
+
+def _assign_prototype(cfg: PolicyConfig, old: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
+    """The authors' `manage_cache`: re-tier only the HBM-resident candidates; None when the round is skipped.
+
+    Of the n resident units, the ⌊r·n⌋ lowest-scored are evicted, the ⌊β·n⌋ highest-scored stay in
+    HBM and the rest go to DDR; DDR units are never evicted, re-scored or promoted. When β + r > 1
+    the two floors can overlap: eviction goes first (as in `target`) and HBM keeps what is left.
+    """
+    resident = np.flatnonzero(old == HBM)
+    n = len(resident)
+    if n < PROTOTYPE_MIN_CANDIDATES:
+        return None
+    # Ascending by score; ties go to the earlier position first (stable sort), as in `_assign_tiers`.
+    resident = resident[np.argsort(scores[resident], kind="stable")]
+    n_evict = math.floor(cfg.evict_ratio * n)
+    n_keep = min(math.floor(cfg.hbm_ratio * n), n - n_evict)
+    new = old.copy()
+    new[resident[:n_evict]] = EVICTED
+    new[resident[n_evict: n - n_keep]] = DDR
     return new
 
 
@@ -371,10 +431,10 @@ class TierSchedule:
 def candidate_pages(config: PolicyConfig, prompt_tokens: int, length: int) -> tuple[int, int]:
     """Page range [first, stop) of unprotected generated tokens when `length` positions are cached.
 
-    Pages are `page_size` consecutive positions; a page touching the prompt, a sink or the window,
+    Pages are `unit` (page_size, or 1 when unset) consecutive positions; a page touching the prompt, a sink or the window,
     or not yet full, is protected as a whole.
     """
-    n = config.page_size
+    n = config.unit
     first = -(-(prompt_tokens + config.sinks) // n)
     stop = max(first, (length - config.window) // n)
     return first, stop
@@ -383,7 +443,7 @@ def candidate_pages(config: PolicyConfig, prompt_tokens: int, length: int) -> tu
 def protected_tokens(config: PolicyConfig, prompt_tokens: int, length: int) -> int:
     """Tokens kept in HBM unconditionally when `length` positions are cached."""
     first, stop = candidate_pages(config, prompt_tokens, length)
-    return length - (stop - first) * config.page_size
+    return length - (stop - first) * config.unit
 
 
 def replay(request: TraceRequest, config: PolicyConfig) -> TierSchedule:

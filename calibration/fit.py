@@ -1,81 +1,210 @@
-"""Fit the simulator's hardware constants to microbenchmark results and write them as a profile.
+"""Fit the simulator's hardware constants to microbenchmark results, with physical structure and error bars.
 
-- Link curves: time(size) = latency + size / bandwidth, a weighted linear least-squares fit
-  (scipy.optimize.lsq_linear, relative residuals, both terms >= 0) per direction and memory kind.
-- Compute: the cost model's own layer formula (sim/costs.py),
-  layer = max(weight bytes / B, 2·params·tokens / F) + max(KV bytes / B, 4·heads·head_dim·pairs / F) + launch,
-  head = max(vocab·hidden·dtype / B, 2·vocab·hidden·tokens / F) + launch,
-  fitted to the whole-layer and head measurements for B (effective HBM bandwidth), F (effective
-  FLOP rate) and launch with scipy.optimize.least_squares on log-time residuals.
-- Host gathers: `ddr_gbps` is the read + write traffic of the measured scattered-row gather (the cost
-  model's gather costs 2·bytes / ddr_gbps).
-
-Every value of the resulting HardwareSpec carries "measured: <device>, <driver>, torch <version>,
-<date>, <how>, fit residual ...", or, for what a microbenchmark cannot measure, where it comes from.
+- Compute, per kernel kind: time = Σ_groups max(bytes / B, FLOPs / F) + launches x c, the cost model's
+  roofline (sim/costs.py). A whole layer has two groups (its matmuls; its attention) and one launch cost;
+  the lm_head one group and one launch; a lone GEMM or attention kernel one group and one fixed cost.
+  Fitted with scipy.optimize.least_squares on weighted log-time residuals, B, F > 0 and 0 <= c <=
+  the measured no-op (the launch of a layer with nothing to compute: hw/calibrate.py), so that a
+  fit can never buy a residual with a launch cost the machine does not have. The profile's constants
+  come from the whole-layer and lm_head fit over the *fitted* shapes; shapes measured but held out
+  are predicted by it and their errors recorded.
+- Link curves (and each copy mechanism): time = calls x per-call cost + pieces x per-piece cost +
+  bytes / bandwidth, all >= 0 (scipy.optimize.lsq_linear on relative residuals); the bandwidth from
+  the copies of at least 1 MiB (on a CPU, smaller copies run from cache). The size curve, the
+  effective rate at each size, rides along.
+- Every fit reports its residuals (rms and max relative) and 95% intervals of its parameters (from
+  the Jacobian and the residual variance: noise widens them, it does not move the estimate); a fit
+  whose rms residual exceeds FIT_LIMIT is marked in the profile's source strings.
+- Points a measurement flagged (hw/timing.py: CV above its limit, or a busy machine) are dropped
+  when enough others remain, else down-weighted; the fit lists them.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
 from tiersim.errors import TiersimError
-from tiersim.fileio import atomic_path, write_json
-from tiersim.specs import HardwareSpec, ModelSpec
-from tiersim.specs.hardware import datasheet_for
+from tiersim.specs import ModelSpec
 
 GB = 1e9
+FIT_LIMIT = 0.15  # rms relative residual above which a fit is marked in the profile
+BANDWIDTH_MIN_BYTES = 1 << 20  # copies this large set the bandwidth; smaller ones only the latency
+MAX_GBPS = 1e4  # a fitted rate above 10 TB/s is not a host link or memory: the bandwidth was not identified
+FLAGGED_WEIGHT = 0.25  # weight of a flagged point when too few unflagged ones remain to drop it
+Z95 = 1.959964
+
+
+# ---------------------------------------------------------------------------------------------
+# Points: flagged ones dropped or down-weighted, weights from each point's confidence interval
+# ---------------------------------------------------------------------------------------------
+
+def usable(points: list[dict], need: int) -> tuple[list[dict], np.ndarray, list[int]]:
+    """The points to fit, their weights and the indices dropped: flagged points are dropped when at least `need`
+    others remain, else kept at FLAGGED_WEIGHT; a point weighs 1 / (its relative CI half-width, floored at 1%)^2
+    relative to the others, so a noisy point counts less."""
+    flagged = [i for i, p in enumerate(points) if p.get("flagged")]
+    drop = flagged if len(points) - len(flagged) >= need else []
+    kept = [p for i, p in enumerate(points) if i not in drop]
+    w = []
+    for p in kept:
+        ci = _ci_rel(p)
+        w.append((1.0 / max(ci, 0.01) ** 2 if ci is not None else 1.0) * (FLAGGED_WEIGHT if p.get("flagged") else 1.0))
+    w = np.array(w, dtype=np.float64)
+    return kept, (w / w.max() if len(w) else w), drop
+
+
+def _ci_rel(p: dict) -> float | None:
+    lo, hi, med = p.get("ci_low_s"), p.get("ci_high_s"), p.get("median_s")
+    if lo is None or hi is None or not med or hi < lo:
+        return None
+    return (hi - lo) / (2 * med)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rooflines: Σ max(bytes / B, FLOPs / F) + launches x c
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """Points of one roofline fit: per point, its groups' bytes and FLOPs, its launches and its time."""
+
+    bytes: np.ndarray  # [n, groups]
+    flops: np.ndarray  # [n, groups]
+    launches: np.ndarray  # [n]
+    time: np.ndarray  # [n]
+    weight: np.ndarray  # [n]
+    labels: tuple[str, ...] = ()  # which shape (or kernel) each point is
+
+    def predict(self, bw: float, flops: float, fixed_s: float) -> np.ndarray:
+        """Roofline time of every point."""
+        return np.maximum(self.bytes / bw, self.flops / flops).sum(axis=1) + self.launches * fixed_s
+
+    @staticmethod
+    def join(parts: list[Work]) -> Work:
+        """The points of several Works (groups padded with zeros)."""
+        g = max(p.bytes.shape[1] for p in parts)
+        pad = lambda a: np.pad(a, ((0, 0), (0, g - a.shape[1])))  # noqa: E731
+        return Work(np.vstack([pad(p.bytes) for p in parts]), np.vstack([pad(p.flops) for p in parts]),
+                    np.concatenate([p.launches for p in parts]), np.concatenate([p.time for p in parts]),
+                    np.concatenate([p.weight for p in parts]), tuple(x for p in parts for x in p.labels))
 
 
 @dataclass(frozen=True, slots=True)
-class LinkFit:
-    """latency + bytes / bandwidth, and how well it fits."""
+class RooflineFit:
+    """B (GB/s), F (TFLOP/s) and the fixed cost per launch (µs), with 95% intervals and residuals."""
 
-    latency_us: float
     gbps: float
-    rms_rel: float  # root-mean-square relative residual
+    tflops: float
+    fixed_us: float
+    fixed_max_us: float | None  # the bound the fixed cost was held under (a measured no-op), None: unbounded
+    gbps_ci: tuple[float, float]
+    tflops_ci: tuple[float, float]
+    fixed_us_ci: tuple[float, float]
+    rms_rel: float
     max_rel: float
     points: int
+    dropped: int = 0
+    residual_by_label: dict[str, float] = field(default_factory=dict)  # rms relative residual per shape / kernel
+
+    @property
+    def within_limit(self) -> bool:
+        """Whether the rms residual is at most FIT_LIMIT."""
+        return self.rms_rel <= FIT_LIMIT
 
     def residual(self) -> str:
-        """The residual as a phrase for sources."""
-        return f"fit residual {100 * self.rms_rel:.1f}% rms, {100 * self.max_rel:.1f}% max over {self.points} sizes"
+        """The residual as a phrase for sources (marked when above the limit)."""
+        text = f"fit residual {100 * self.rms_rel:.1f}% rms, {100 * self.max_rel:.1f}% max over {self.points} timings"
+        if self.dropped:
+            text += f" ({self.dropped} flagged timings dropped)"
+        return text + ("" if self.within_limit else f"; RESIDUAL ABOVE THE {100 * FIT_LIMIT:.0f}% LIMIT: use with care")
 
     def to_dict(self) -> dict:
-        return {"latency_us": self.latency_us, "gbps": self.gbps, "rms_rel": self.rms_rel, "max_rel": self.max_rel,
-                "points": self.points}
+        """JSON-ready fields."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-BANDWIDTH_MIN_BYTES = 1 << 20  # copies this large set the bandwidth; smaller ones only the latency
+def fit_roofline(work: Work, fixed_max_s: float | None = None) -> RooflineFit:
+    """Fit (B, F, c) with B, F > 0 and 0 <= c <= fixed_max_s to the points of `work` (weighted log residuals).
+
+    The 95% intervals come from the Jacobian (residual variance x (JᵀJ)⁻¹): they widen with noise, and are
+    approximate where the roofline's max() switches regime near the data (on synthetic 5% noise they cover the
+    truth about three times in four, tests/test_fit_structure.py)."""
+    t, n = work.time, len(work.time)
+    if n < 3 or not (t > 0).all():
+        raise TiersimError(f"roofline fit needs at least 3 positive timings, got {n}")
+    sw = np.sqrt(work.weight)
+    c_hi = float(t.min()) if fixed_max_s is None else max(float(fixed_max_s), 1e-12)
+
+    def resid(z):
+        return sw * np.log(work.predict(math.exp(z[0]), math.exp(z[1]), z[2]) / t)
+
+    bw0 = float(np.max(work.bytes.sum(axis=1) / t))  # the best any point reached, as if bandwidth-bound
+    fl0 = float(np.max(work.flops.sum(axis=1) / t))
+    lo = [math.log(bw0) - 7, math.log(fl0) - 7, 0.0]
+    hi = [math.log(bw0) + 7, math.log(fl0) + 7, c_hi]
+    best = None
+    for scale in (0.7, 1.0, 1.5):
+        for c0 in (0.0, 0.5 * c_hi):
+            z0 = np.array([math.log(bw0 * scale), math.log(fl0 * scale), min(c0, c_hi)])
+            sol = least_squares(resid, z0, bounds=(lo, hi), x_scale=[1.0, 1.0, max(c_hi, 1e-9)], method="trf")
+            if best is None or sol.cost < best.cost:
+                best = sol
+    bw, fl, c = math.exp(best.x[0]), math.exp(best.x[1]), float(best.x[2])
+    rel = work.predict(bw, fl, c) / t - 1.0
+    sd = _param_sd(best.jac, best.fun, n)
+    lo_z, hi_z = best.x - Z95 * sd, best.x + Z95 * sd
+    ci = lambda i, f: (f(lo_z[i]), f(hi_z[i]))  # noqa: E731
+    c_ci = (max(0.0, lo_z[2]) * 1e6, min(c_hi, hi_z[2]) * 1e6)
+    by = {lab: float(np.sqrt(np.mean(rel[[i for i, x in enumerate(work.labels) if x == lab]] ** 2)))
+          for lab in dict.fromkeys(work.labels)}
+    return RooflineFit(bw / GB, fl / 1e12, c * 1e6, None if fixed_max_s is None else fixed_max_s * 1e6,
+                       ci(0, lambda z: math.exp(z) / GB), ci(1, lambda z: math.exp(z) / 1e12), c_ci,
+                       float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()), n, residual_by_label=by)
 
 
-def fit_link(points: list[dict]) -> LinkFit:
-    """Fit time = latency + bytes / bandwidth to {bytes, median_s} points, both terms >= 0.
+def _param_sd(jac: np.ndarray, fun: np.ndarray, n: int) -> np.ndarray:
+    """Standard deviations of the parameters: (JᵀJ)⁻¹ scaled by the residual variance (0 for an exact fit)."""
+    p = jac.shape[1]
+    s2 = float(fun @ fun) / max(1, n - p)
+    cov = np.linalg.pinv(jac.T @ jac) * s2
+    return np.sqrt(np.clip(np.diag(cov), 0.0, None))
 
-    The bandwidth comes from a relative-residual fit (scipy lsq_linear) of the copies of at least 1 MiB
-    (all of them when fewer than two are that large): on a CPU, smaller copies run from cache and would
-    inflate it. The latency then minimises the relative residuals of every size at that bandwidth.
-    """
-    b = np.array([p["bytes"] for p in points], dtype=np.float64)
-    t = np.array([p["median_s"] for p in points], dtype=np.float64)
-    if len(b) < 2 or not (t > 0).all():
-        raise TiersimError(f"link fit needs at least 2 sizes with positive times, got {len(b)}")
-    big = b >= BANDWIDTH_MIN_BYTES
-    big = big if big.sum() >= 2 else np.ones_like(big)
-    a = np.stack([np.ones_like(b), b], axis=1) / t[:, None]  # rows scaled by 1/t: relative residuals
-    sol = lsq_linear(a[big], np.ones(int(big.sum())), bounds=(0.0, np.inf))
-    inv_bw = float(sol.x[1])
-    if inv_bw <= 0:
-        raise TiersimError("link fit: bandwidth term came out zero (times do not grow with size)")
-    w = 1.0 / t**2  # least squares of (latency + b/bw - t) / t over every size, latency >= 0
-    latency_s = max(0.0, float(np.sum(w * (t - b * inv_bw)) / np.sum(w)))
-    rel = (latency_s + b * inv_bw - t) / t
-    return LinkFit(latency_s * 1e6, 1.0 / inv_bw / GB, float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()), len(b))
+
+def layer_work(model: ModelSpec, layers: list[dict], head: list[dict], weights=None) -> Work:
+    """Whole-layer and lm_head timings of one shape as roofline points: a layer's matmuls and its attention are
+    two groups with one launch cost (decode: every sequence's query over its KV tokens, read once; prefill:
+    causal attention over the prompt, the simulator's prefill_pairs / 2); the lm_head one group, one launch."""
+    m = model
+    rows = []
+    for p in layers:
+        tokens = p["tokens"]
+        if p["kv_tokens"]:
+            pairs = kv = p["batch"] * p["kv_tokens"]
+        else:
+            pairs, kv = tokens * (tokens + 1) / 2, 0
+        rows.append((m.layer_weight_bytes, kv * m.kv_bytes_per_token_layer, 2.0 * m.layer_params * tokens,
+                     4.0 * m.attention_heads * m.head_dim * pairs, p["median_s"]))
+    for p in head:
+        rows.append((m.vocab * m.hidden * m.dtype_bytes, 0.0, 2.0 * m.vocab * m.hidden * p["tokens"], 0.0, p["median_s"]))
+    a = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    w = np.ones(len(a)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return Work(a[:, 0:2], a[:, 2:4], np.ones(len(a)), a[:, 4], w, (m.name,) * len(a))
+
+
+def _work(model: ModelSpec, layers: list[dict], head: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per point: (bytes, flops) of the matmul group, of the attention group, and the measured time."""
+    w = layer_work(model, layers, head)
+    return np.stack([w.bytes[:, 0], w.flops[:, 0]], 1), np.stack([w.bytes[:, 1], w.flops[:, 1]], 1), w.time
+
+
+def predict_compute(x, mm: np.ndarray, att: np.ndarray) -> np.ndarray:
+    """Cost-model time of each point for x = (bytes/s, FLOP/s, launch s)."""
+    bw, flops, launch = x
+    return np.maximum(mm[:, 0] / bw, mm[:, 1] / flops) + np.maximum(att[:, 0] / bw, att[:, 1] / flops) + launch
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,213 +217,198 @@ class ComputeFit:
     rms_rel: float
     max_rel: float
     points: int
+    launch_max_us: float | None = None
+    hbm_gbps_ci: tuple[float, float] | list | None = None
+    tflops_ci: tuple[float, float] | list | None = None
+    launch_us_ci: tuple[float, float] | list | None = None
+    dropped: int = 0
+    shapes: tuple[str, ...] | list = ()
+    residual_by_shape: dict = field(default_factory=dict)
+
+    @property
+    def within_limit(self) -> bool:
+        """Whether the rms residual is at most FIT_LIMIT."""
+        return self.rms_rel <= FIT_LIMIT
 
     def residual(self) -> str:
-        return (f"fit residual {100 * self.rms_rel:.1f}% rms, {100 * self.max_rel:.1f}% max over {self.points} "
-                "layer and lm_head timings")
+        """The residual as a phrase for sources (marked when above the limit)."""
+        text = (f"fit residual {100 * self.rms_rel:.1f}% rms, {100 * self.max_rel:.1f}% max over {self.points} layer and "
+                "lm_head timings")
+        if self.dropped:
+            text += f" ({self.dropped} flagged timings dropped)"
+        return text + ("" if self.within_limit else f"; RESIDUAL ABOVE THE {100 * FIT_LIMIT:.0f}% LIMIT: use with care")
 
     def to_dict(self) -> dict:
-        return {"hbm_gbps": self.hbm_gbps, "tflops": self.tflops, "launch_us": self.launch_us, "rms_rel": self.rms_rel,
-                "max_rel": self.max_rel, "points": self.points}
+        """JSON-ready fields."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-def _work(model: ModelSpec, layers: list[dict], head: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per point: (bytes, flops) of each roofline term and the measured time."""
+def fit_compute(model: ModelSpec, layers: list[dict], head: list[dict], launch_max_s: float | None = None) -> ComputeFit:
+    """Fit (bandwidth, FLOP rate, 0 <= launch <= launch_max_s) to one shape's whole-layer and lm_head timings."""
+    return fit_compute_shapes([(model, layers, head)], launch_max_s)
+
+
+def fit_compute_shapes(shapes: list[tuple[ModelSpec, list[dict], list[dict]]],
+                       launch_max_s: float | None = None) -> ComputeFit:
+    """One (bandwidth, FLOP rate, launch) over the whole-layer and lm_head timings of several shapes."""
+    parts, dropped = [], 0
+    for model, layers, head in shapes:
+        points = list(layers) + list(head)
+        kept, w, drop = usable(points, need=min(len(points), 3))
+        dropped += len(drop)
+        keep_layers = [p for p in kept if "kv_tokens" in p]
+        keep_head = [p for p in kept if "kv_tokens" not in p]
+        parts.append(layer_work(model, keep_layers, keep_head, w))
+    work = Work.join(parts)
+    if len(work.time) < 3:
+        raise TiersimError(f"compute fit needs at least 3 timings, got {len(work.time)}")
+    f = fit_roofline(work, launch_max_s)
+    return ComputeFit(f.gbps, f.tflops, f.fixed_us, f.rms_rel, f.max_rel, f.points, f.fixed_max_us, f.gbps_ci,
+                      f.tflops_ci, f.fixed_us_ci, dropped, tuple(m.name for m, _, _ in shapes), f.residual_by_label)
+
+
+def check_shape(fit: ComputeFit, model: ModelSpec, layers: list[dict], head: list[dict]) -> dict:
+    """A held-out shape predicted by a fit: per-point relative errors and their rms."""
+    w = layer_work(model, layers, head)
+    rel = w.predict(fit.hbm_gbps * GB, fit.tflops * 1e12, fit.launch_us * 1e-6) / w.time - 1.0
+    return {"shape": model.name, "points": len(rel), "rms_rel": float(np.sqrt(np.mean(rel**2))),
+            "max_rel": float(np.abs(rel).max()), "errors_pct": (100 * rel).round(2).tolist()}
+
+
+def kernel_work(kind: str, points: list[dict], model: ModelSpec) -> Work:
+    """Roofline points of one kernel kind: 'matmul' (the GEMM sweep), 'attention' (the attention sweep) or
+    'lm_head' (the head sweep), each one group and one fixed cost."""
+    kept, w, _ = usable(points, need=min(len(points), 3))
     m = model
-    rows, times = [], []
-    for p in layers:
-        tokens = p["tokens"]
-        if p["kv_tokens"]:  # decode: every sequence's query over its KV tokens, read once
-            pairs = kv = p["batch"] * p["kv_tokens"]
-        else:  # prefill: causal attention over the prompt, its KV just computed (the simulator's prefill_pairs / 2)
-            pairs, kv = tokens * (tokens + 1) / 2, 0
-        rows.append((m.layer_weight_bytes, 2.0 * m.layer_params * tokens,
-                     kv * m.kv_bytes_per_token_layer, 4.0 * m.attention_heads * m.head_dim * pairs))
-        times.append(p["median_s"])
-    for p in head:
-        rows.append((m.vocab * m.hidden * m.dtype_bytes, 2.0 * m.vocab * m.hidden * p["tokens"], 0.0, 0.0))
-        times.append(p["median_s"])
-    w = np.array(rows, dtype=np.float64)
-    return w[:, :2], w[:, 2:], np.array(times)
+    if kind == "matmul":
+        rows = [(p["weight_bytes"], 2.0 * p["out"] * p["in"] * p["tokens"]) for p in kept]
+    elif kind == "attention":
+        rows = [(p["kv_bytes"], 4.0 * m.attention_heads * m.head_dim * p["batch"] * p["kv_tokens"]) for p in kept]
+    elif kind == "lm_head":
+        rows = [(m.vocab * m.hidden * m.dtype_bytes, 2.0 * m.vocab * m.hidden * p["tokens"]) for p in kept]
+    else:
+        raise TiersimError(f"kernel kind {kind!r} unknown; accepted: matmul, attention, lm_head")
+    a = np.array(rows, dtype=np.float64).reshape(-1, 2)
+    return Work(a[:, :1], a[:, 1:], np.ones(len(a)), np.array([p["median_s"] for p in kept]), w, (kind,) * len(a))
 
 
-def predict_compute(x: np.ndarray, mm: np.ndarray, att: np.ndarray) -> np.ndarray:
-    """Cost-model time of each point for x = (bytes/s, FLOP/s, launch s)."""
-    bw, flops, launch = x
-    return (np.maximum(mm[:, 0] / bw, mm[:, 1] / flops) + np.maximum(att[:, 0] / bw, att[:, 1] / flops) + launch)
+# ---------------------------------------------------------------------------------------------
+# Copies: calls x per-call + pieces x per-piece + bytes / bandwidth
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LinkFit:
+    """latency + bytes / bandwidth (and, where pieces vary, a per-piece cost), and how well it fits."""
+
+    latency_us: float
+    gbps: float
+    rms_rel: float  # root-mean-square relative residual over every size
+    max_rel: float
+    points: int
+    piece_us: float = 0.0  # cost per piece (a row of a gather, a block of a batched copy)
+    gbps_ci: tuple[float, float] | list | None = None
+    rms_rel_large: float | None = None  # over the copies that set the bandwidth (>= 1 MiB)
+    size_curve: list | None = None  # [bytes, effective GB/s] per measured size
+    dropped: int = 0
+
+    @property
+    def within_limit(self) -> bool:
+        """Whether the residual over the sizes that set the bandwidth is at most FIT_LIMIT."""
+        return (self.rms_rel if self.rms_rel_large is None else self.rms_rel_large) <= FIT_LIMIT
+
+    def residual(self) -> str:
+        """The residual as a phrase for sources (marked when above the limit)."""
+        text = f"fit residual {100 * self.rms_rel:.1f}% rms, {100 * self.max_rel:.1f}% max over {self.points} sizes"
+        if self.rms_rel_large is not None:
+            text += f" ({100 * self.rms_rel_large:.1f}% rms over the copies >= 1 MiB)"
+        if self.dropped:
+            text += f", {self.dropped} flagged sizes dropped"
+        return text + ("" if self.within_limit else f"; RESIDUAL ABOVE THE {100 * FIT_LIMIT:.0f}% LIMIT: use with care")
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-def fit_compute(model: ModelSpec, layers: list[dict], head: list[dict]) -> ComputeFit:
-    """Fit (bandwidth, FLOP rate, launch >= 0) to whole-layer and lm_head timings on log-time residuals."""
-    mm, att, t = _work(model, layers, head)
-    if len(t) < 3:
-        raise TiersimError(f"compute fit needs at least 3 timings, got {len(t)}")
+def fit_link(points: list[dict]) -> LinkFit:
+    """Fit time = calls x latency + pieces x piece cost + bytes / bandwidth to {bytes, median_s[, calls, pieces]}
+    points, every term >= 0.
 
-    def resid(z):
-        return np.log(predict_compute((np.exp(z[0]), np.exp(z[1]), z[2]), mm, att) / t)
-
-    bw0 = float(np.max((mm[:, 0] + att[:, 0]) / t))  # the best any point reached, as if bandwidth-bound
-    fl0 = float(np.max((mm[:, 1] + att[:, 1]) / t))
-    best = None
-    for scale in (0.7, 1.0, 1.5):
-        for launch0 in (0.0, 0.1 * float(t.min())):
-            z0 = np.array([math.log(bw0 * scale), math.log(fl0 * scale), launch0])
-            sol = least_squares(resid, z0, bounds=([-np.inf, -np.inf, 0.0], [np.inf, np.inf, float(t.min())]),
-                                x_scale=[1.0, 1.0, float(t.min())], method="trf")
-            if best is None or sol.cost < best.cost:
-                best = sol
-    x = (math.exp(best.x[0]), math.exp(best.x[1]), float(best.x[2]))
-    rel = predict_compute(x, mm, att) / t - 1.0
-    return ComputeFit(x[0] / GB, x[1] / 1e12, x[2] * 1e6, float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()),
-                      len(t))
+    The bandwidth (and the per-piece cost, where the pieces vary apart from the bytes) comes from a
+    relative-residual fit (scipy lsq_linear) of the copies of at least 1 MiB (all of them when fewer than two
+    are that large); the per-call latency then minimises the relative residuals of every size at that rate.
+    """
+    pts, w, drop = usable(points, need=min(len(points), 2))
+    b = np.array([p["bytes"] for p in pts], dtype=np.float64)
+    t = np.array([p["median_s"] for p in pts], dtype=np.float64)
+    calls = np.array([p.get("calls", 1) for p in pts], dtype=np.float64)
+    pieces = np.array([p.get("pieces", 0) for p in pts], dtype=np.float64)
+    if len(b) < 2 or not (t > 0).all():
+        raise TiersimError(f"link fit needs at least 2 sizes with positive times, got {len(b)}")
+    # The bandwidth comes from large pieces (a copy of many small pieces says little about the rate).
+    size = np.array([p.get("piece_bytes", p["bytes"]) for p in pts], dtype=np.float64)
+    big = size >= BANDWIDTH_MIN_BYTES
+    big = big if big.sum() >= 2 else np.ones_like(big)
+    per_piece = bool(pieces.any()) and np.linalg.matrix_rank(np.stack([b[big], pieces[big]], 1)) == 2
+    cols = [np.ones_like(b), b] + ([pieces] if per_piece else [])
+    a = np.stack(cols, axis=1) / t[:, None] * np.sqrt(w)[:, None]  # rows scaled by 1/t: relative residuals
+    sol = lsq_linear(a[big], np.sqrt(w[big]), bounds=(0.0, np.inf))
+    inv_bw, piece_s = float(sol.x[1]), float(sol.x[2]) if per_piece else 0.0
+    if inv_bw <= 0 or 1.0 / inv_bw / GB > MAX_GBPS:
+        raise TiersimError(f"link fit: bandwidth not identified (came out {1.0 / max(inv_bw, 1e-30) / GB:.3g} GB/s: "
+                           "the times do not grow with the bytes)")
+    rest = t - b * inv_bw - pieces * piece_s
+    ww = w / t**2  # least squares of (calls x latency + rest - t) / t over every size, latency >= 0
+    latency_s = max(0.0, float(np.sum(ww * calls * rest) / np.sum(ww * calls**2)))
+    rel = (calls * latency_s + b * inv_bw + pieces * piece_s - t) / t
+    resid = a[big] @ sol.x - np.sqrt(w[big])
+    jac = a[big][:, 1:2]
+    sd = float(_param_sd(jac, resid, int(big.sum()))[0])
+    ci = (1.0 / (inv_bw + Z95 * sd) / GB, 1.0 / max(inv_bw - Z95 * sd, 1e-30) / GB)
+    large = size >= BANDWIDTH_MIN_BYTES
+    curve = [[int(x), float(x / y / GB)] for x, y in zip(b, t)]
+    return LinkFit(latency_s * 1e6, 1.0 / inv_bw / GB, float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()), len(b),
+                   piece_s * 1e6, ci, float(np.sqrt(np.mean(rel[large] ** 2))) if large.sum() >= 2 else None, curve,
+                   len(drop))
 
 
 def fit_gather(points: list[dict]) -> LinkFit:
-    """The host gather's bytes/s (a line through latency + bytes / rate)."""
-    return fit_link(points)
+    """The host gather of scattered rows: per-row cost + bytes / rate, where the row sizes vary (else one line)."""
+    return fit_link([{**p, "pieces": p["bytes"] // p["row_bytes"]} if "row_bytes" in p else p for p in points])
 
 
-def fits(raw: dict) -> dict:
-    """Every fit of one `measure()` result."""
-    model = ModelSpec.from_dict(raw["model"])
-    out = {name: fit_link(points).to_dict() for name, points in raw["copies"].items()}
-    out["gather"] = fit_gather(raw["gather"]).to_dict()
-    out["compute"] = fit_compute(model, raw["layers"], raw["head"]).to_dict()
-    # Separate fits, to show how far one bandwidth serves both weights and KV (reported, not used).
-    gemm_only = [p for p in raw["layers"] if not p["kv_tokens"]] or raw["layers"]
-    enough = len(gemm_only) + len(raw["head"]) >= 3
-    out["compute_gemm_only"] = fit_compute(model, gemm_only, raw["head"]).to_dict() if enough else None
-    att = raw["attention"]
-    out["attention_kv_gbps_median"] = float(np.median([p["kv_gbps"] for p in att])) if att else None
+def mechanism_points(method: str, curves: dict) -> list[dict]:
+    """A mechanism's timed points (hw/copy_bench.py: `by_size` and `by_count`, each with bytes, pieces, median_s)
+    with the calls each issued: dma one per piece; dma-batched, host-gather and pageable one per copy."""
+    pts = [p for key in ("by_size", "by_count") for p in (curves.get(key) or [])
+           if isinstance(p, dict) and "median_s" in p and "bytes" in p and "unavailable" not in p]
+    if method == "dma":
+        return [{**p, "calls": p.get("pieces", 1), "pieces": 0} for p in pts]
+    return [{**p, "calls": 1} for p in pts]
+
+
+def fit_mechanisms(mechanisms: dict | None) -> dict:
+    """Each copy mechanism's points fitted by fit_link (per-call cost, per-piece cost, bandwidth); a mechanism that
+    cannot be fitted says why."""
+    out = {}
+    for name, curves in (mechanisms or {}).items():
+        points = mechanism_points(name, curves if isinstance(curves, dict) else {})
+        try:
+            out[name] = fit_link(points).to_dict()
+        except (TiersimError, KeyError, TypeError) as e:
+            out[name] = {"unfitted": str(e)}
     return out
 
 
-def _link_gather_note(raw: dict) -> str:
-    """What the GPU's own gather from pinned host memory reached (the pinned fetch of sim/costs.py), for comparison."""
-    points = raw.get("link_gather") or []
-    if not points or "unavailable" in points[0]:
-        return ""
-    rates = ", ".join(f"{p['gbps']:.1f}" for p in points)
-    return (f"; for comparison, the GPU gathering {points[0]['row_bytes']}-byte KV rows from pinned host memory "
-            f"itself (zero-copy) reached {rates} GB/s at {', '.join(str(p['bytes'] >> 20) + ' MiB' for p in points)}")
+def __getattr__(name: str):
+    """build_profile, Calibration and summary_rows live in calibration/profile.py; importable from here too."""
+    if name in ("Calibration", "build_profile", "summary_rows", "fits"):
+        from tiersim.calibration import profile
+
+        return getattr(profile, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareSpec:
-    """A HardwareSpec from the measurements and fits; every value says where it came from."""
-    info, model = raw["device"], raw["model"]
-    cpu = info["kind"] == "cpu"
-    where = f"measured: {info['name']}, {info['driver']}, torch {info['torch']}, {info['date']}"
-    if cpu:
-        where += ", one torch thread (the replay's CPU compute stream)"
-    c = fitted["compute"]
-    link = {k: fitted[k] for k in ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable")}
-    how_copy = ("copy_ between two host buffers (the CPU device has no host link)" if cpu else
-                "cudaMemcpyAsync via tensor.copy_(non_blocking=True) on one stream, CUDA events")
-    sizes = f"{len(raw['copies']['h2d_pinned'])} sizes {raw['copies']['h2d_pinned'][0]['bytes'] // 1024} KiB.." \
-            f"{raw['copies']['h2d_pinned'][-1]['bytes'] // (1 << 20)} MiB, medians"
-    values, sources = {}, {}
-
-    def put(key, value, how):
-        values[key], sources[key] = float(value), f"{where}, {how}"
-
-    for key, curve in (("h2d_gbps_pinned", "h2d_pinned"), ("d2h_gbps_pinned", "d2h_pinned"),
-                       ("h2d_gbps_pageable", "h2d_pageable"), ("d2h_gbps_pageable", "d2h_pageable")):
-        f = link[curve]
-        kind = "pinned" if "pinned" in curve else "pageable"
-        put(key, f["gbps"], f"{curve.split('_')[0].upper()} {kind}: {how_copy}, {sizes}, bandwidth of "
-                            f"latency + bytes/bandwidth (bandwidth from the copies >= 1 MiB); {LinkFit(**f).residual()}"
-                            + (_link_gather_note(raw) if key == "h2d_gbps_pinned" else ""))
-    lat = link["h2d_pinned"]
-    others = ", ".join(f"{k} {link[k]['latency_us']:.2f}" for k in ("d2h_pinned", "h2d_pageable", "d2h_pageable"))
-    put("copy_latency_us", max(lat["latency_us"], 0.01),
-        f"latency of the pinned H2D fit ({others} us for the other curves); {LinkFit(**lat).residual()}"
-        + ("; floored at 0.01 us" if lat["latency_us"] < 0.01 else ""))
-    dup = raw["duplex"]
-    put("duplex_factor", min(1.0, max(dup["factor"], 1e-3)),
-        f"H2D and D2H of {dup['bytes'] // (1 << 20)} MiB at once ({'two host threads' if cpu else 'two CUDA streams'}):"
-        f" each direction keeps {dup['factor_h2d']:.2f} (H2D) and {dup['factor_d2h']:.2f} (D2H) of its bandwidth alone; "
-        "mean, capped at 1")
-    put("hbm_gbps_effective", c["hbm_gbps"],
-        f"B of the cost model's layer roofline fitted (scipy least_squares, log residuals) to whole model-shaped "
-        f"layers of {model['name']} (projections + attention over T0 chunks + MLP) and its lm_head, rotated through "
-        f"weight copies larger than the cache; {ComputeFit(**c).residual()}")
-    put("bf16_tflops_effective", c["tflops"], f"F of the same fit; {ComputeFit(**c).residual()}")
-    put("launch_us", max(c["launch_us"], 0.01), f"per-layer constant of the same fit (kernel launches"
-        f"{' and Python dispatch' if cpu else ''}); {ComputeFit(**c).residual()}"
-        + ("; the fit put it at its bound 0, floored at 0.01 us" if c["launch_us"] < 0.01 else ""))
-    g = fitted["gather"]
-    put("ddr_gbps", 2 * g["gbps"],
-        f"2 x the host gather rate (read + write traffic) of scattered {raw['gather'][0]['row_bytes']}-byte KV rows "
-        f"(torch.index_select into a contiguous buffer, {len(raw['gather'])} sizes); {LinkFit(**g).residual()}")
-    ram = info["ram_bytes"] / GB
-    put("ddr_gb", ram, "MemTotal of /proc/meminfo (installed host RAM)")
-    if cpu:
-        put("hbm_gb", ram, "the CPU device's memory is host RAM: MemTotal of /proc/meminfo")
-    else:
-        put("hbm_gb", info["memory_bytes"] / GB, "total_memory reported by torch.cuda.get_device_properties")
-    _spec_values(raw, fitted, values, sources, where)
-    sheet = datasheet_for(info)
-    label = info["name"]
-    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48]
-    return HardwareSpec(
-        name=name or f"measured-{slug}",
-        description=(f"{info['label']}: calibrated {info['date']} on {info['host']}" if cpu else
-                     f"{label} measured {info['date']} on {info['host']}"),
-        link=("none: CPU device, copies are host memcpy" if cpu else (sheet.link if sheet else "host link (measured)")),
-        **values, sources=sources)
-
-
-def _spec_values(raw: dict, fitted: dict, values: dict, sources: dict, where: str) -> None:
-    """hbm_gbps_spec and bf16_tflops_spec: the datasheet when the device is known, else the best measured."""
-    sheet = datasheet_for(raw["device"])
-    best_bw = max([values["hbm_gbps_effective"], raw["device_copy"]["gbps_read_write"] / 2]
-                  + [p["weight_gbps"] for p in raw["gemm"]] + [p["kv_gbps"] for p in raw["attention"]])
-    best_fl = max([values["bf16_tflops_effective"]] + [p["tflops"] for p in raw["gemm"]])
-    for key, eff, best, unit in (("hbm_gbps_spec", "hbm_gbps_effective", best_bw, "GB/s"),
-                                 ("bf16_tflops_spec", "bf16_tflops_effective", best_fl, "TFLOP/s")):
-        if sheet is not None and getattr(sheet, key) >= values[eff]:
-            values[key], sources[key] = getattr(sheet, key), f"{sheet.sources[key]} (datasheet, via profile {sheet.name})"
-        else:
-            values[key] = max(best, values[eff])
-            why = (f"no datasheet for {raw['device']['name']}" if sheet is None else
-                   f"the datasheet value {getattr(sheet, key)} is below the measured effective one")
-            sources[key] = (f"{where}: {why}; set to the highest rate any microbenchmark reached ({values[key]:.3g} "
-                            f"{unit}: fitted, GEMMs, attention, device copy)")
-
-
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    """A calibrated profile and everything behind it."""
-
-    profile: HardwareSpec
-    raw: dict  # measurements, fits, device info
-
-    def write(self, toml_path: str | Path, raw_path: str | Path | None = None) -> tuple[Path, Path]:
-        """Write the profile TOML and the raw JSON atomically; return both paths."""
-        toml_path = Path(toml_path)
-        raw_path = Path(raw_path) if raw_path else toml_path.with_suffix(".raw.json")
-        header = (f"# {self.profile.description}\n# Written by `tiersim calibrate`; raw measurements and fits in "
-                  f"{raw_path.name}.\n# Units: GB = 1e9 bytes, GB/s = 1e9 B/s, TFLOP/s dense.\n")
-        text = header + self.profile.to_toml()
-        toml_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(toml_path) as tmp:
-            Path(tmp).write_text(text)
-        write_json(raw_path, self.raw)
-        return toml_path, raw_path
-
-
-def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
-    """(field, value, how) rows for the CLI table."""
-    p = cal.profile
-    rows = []
-    for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "h2d_gbps_pinned", "d2h_gbps_pinned",
-                "h2d_gbps_pageable", "d2h_gbps_pageable", "copy_latency_us", "duplex_factor", "ddr_gbps", "hbm_gb",
-                "ddr_gb", "hbm_gbps_spec", "bf16_tflops_spec"):
-        value = getattr(p, key)
-        residual = re.search(r"fit residual [^;]*", p.sources[key])
-        rows.append((key, f"{value:.4g}", residual.group(0) if residual else p.sources[key].split(", ")[-1][:60]))
-    return rows
-
-
-__all__ = ["Calibration", "ComputeFit", "LinkFit", "build_profile", "fit_compute", "fit_link", "fits",
-           "predict_compute", "summary_rows"]
+__all__ = ["BANDWIDTH_MIN_BYTES", "FIT_LIMIT", "ComputeFit", "LinkFit", "RooflineFit", "Work", "check_shape",
+           "fit_compute", "fit_compute_shapes", "fit_gather", "fit_link", "fit_mechanisms", "fit_roofline",
+           "kernel_work", "layer_work", "mechanism_points", "predict_compute", "usable"]

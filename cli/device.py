@@ -10,6 +10,7 @@ import click
 
 from tiersim.cli.group import cli
 from tiersim.cli.options import (
+    copy_options,
     hardware_option,
     json_option,
     model_option,
@@ -78,6 +79,7 @@ def calibrate(device: str, out: Path, model: str | None, quick: bool, name: str 
 @run_options(VALIDATE, ("batch", "gen_tokens", "steps", "strategy", "depth"))
 @click.option("--layers", type=int, default=None, help="Replay (and simulate) only the first N layers; also scaled to all.")
 @run_options(VALIDATE, ("pinned", "cold_start", "seed"))
+@copy_options(VALIDATE, ("block_size", "copy_method"))
 @click.option("--any-model", is_flag=True, help="Allow a captured trace to drive another model's shapes.")
 @click.option("--suite", is_flag=True, help="Run the fixed suite (strategies x batch x β) instead of one configuration.")
 @click.option("--quick", is_flag=True, help="With --suite: the small quick suite.")
@@ -145,7 +147,7 @@ def print_validation(reports: list[dict], label: str, summary: dict | None = Non
               help="System message [default: 'Solve the math problem step by step. End with: The answer is N.'].")
 @click.option("--chat-template/--no-chat-template", default=True, show_default=True, help="Wrap prompts in the chat template.")
 @policy_options(source=FIDELITY_POLICY, fields=("sinks", "window", "interval", "compressed_ratio", "compressed_bits",
-                                                "page_size", "eviction", "sticky"))
+                                                "page_size", "eviction", "sticky"), page="1 token")
 @device_option
 @json_option
 @out_folder("Folder for fidelity.json and fidelity.png (the heatmap).")

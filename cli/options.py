@@ -2,7 +2,8 @@
 
 Defaults are looked up when a command runs or shows its help, not when the CLI loads, so that
 `tiersim --help` imports neither numpy nor pandas. Old spellings stay accepted as hidden aliases
-(`--model-spec`, `--models` → `--model`; `--profile` → `--hardware`; `--weights` → `--weight-bits`).
+(`--model-spec`, `--models` → `--model`; `--profile` → `--hardware`; `--weights` → `--weight-bits`), and so do
+vLLM's names of the deployment flags (`--tensor-parallel-size` → `--tp`, `--kv-cache-dtype` → `--kv-dtype`, ...).
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 # Weight precisions by name, as `--weights` (the old spelling) gave them; `--weight-bits` takes either.
 WEIGHT_DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
 BITS_DTYPE = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
+# The library's choices, spelled here so that `tiersim --help` loads no numpy (tests/test_cli.py checks that they
+# agree): policy.EVICTION_MODES, sim.copies.COPY_METHOD_CHOICES and KV_LAYOUTS, specs KV_DTYPE_BYTES and
+# WEIGHT_DTYPE_BITS (specs/deployment.py).
+EVICTION_MODES = ("target", "compound", "prototype")
+COPY_METHODS = ("dma", "dma-batched", "gather-kernel", "host-gather", "auto")
+KV_LAYOUTS = ("per-layer", "cross-layer")
+KV_DTYPES = ("bf16", "fp16", "fp8")
+WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4", "mxfp4")
+# vLLM's spellings of the same dtypes (--kv-cache-dtype, --dtype); `auto` is vLLM's "the model's own" (unset).
+VLLM_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8"}
 
 
 def default_of(source: str, name: str) -> Any:
@@ -213,6 +224,86 @@ def run_options(config: str, only: tuple[str, ...] | None = None):
     return stack(*(options[k] for k in (only or options)))
 
 
+# -- the deployment: tiersim's flags, vLLM's spellings as aliases (specs/deployment.py VLLM_FLAGS) -------------
+class Dtype(click.ParamType):
+    """A dtype of `choices`, or vLLM's spelling of one; `auto` (vLLM's default) leaves it unset (None)."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+        self.name = "|".join((*choices, "auto"))
+
+    def convert(self, value, param, ctx):
+        if value is None or value in self.choices:
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        if VLLM_DTYPES.get(text, text) in self.choices:
+            return VLLM_DTYPES.get(text, text)
+        self.fail(f"{value!r} invalid; accepted: {', '.join(self.choices)} or auto (the model's own)", param, ctx)
+
+
+class ExpertParallel(click.ParamType):
+    """GPUs the experts are spread over: a count, or `all` (tp × dp, what vLLM's --enable-expert-parallel does)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value is None:
+            return value
+        text = str(value).strip().lower()
+        if text == "all":
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            self.fail(f"{value!r} invalid; accepted: an integer >= 1, or all (tp × dp)", param, ctx)
+
+
+def deployment_options(config: str = SIM):
+    """How the model is served (SimConfig's tp, ep, dp, dtypes, memory share and context cap), vLLM's flags as aliases."""
+    return stack(
+        option("--tp", "--tensor-parallel-size", "tp", type=int, default_from=config, hidden_opts=("--tensor-parallel-size",),
+               help="Tensor-parallel GPUs per replica (vLLM: --tensor-parallel-size); every figure is one GPU's."),
+        option("--ep", "--enable-expert-parallel", "ep", type=ExpertParallel(), is_flag=False, flag_value="all",
+               default_from=config, metavar="N|all", hidden_opts=("--enable-expert-parallel",),
+               help="GPUs the routed experts are spread over, whole experts each; 1: experts split like the other "
+                    "matrices; all (or vLLM's --enable-expert-parallel, no value): tp × dp, 1 for a dense model."),
+        option("--dp", "--data-parallel-size", "dp", type=int, default_from=config, hidden_opts=("--data-parallel-size",),
+               help="Data-parallel replicas sharing the host's DDR bandwidth and cores (vLLM: --data-parallel-size)."),
+        option("--kv-dtype", "--kv-cache-dtype", "kv_dtype", type=Dtype(KV_DTYPES), default_from=config,
+               show_default=False, metavar="bf16|fp16|fp8|auto", hidden_opts=("--kv-cache-dtype",),
+               help="KV cache element type (vLLM: --kv-cache-dtype; auto, fp8_e4m3, fp8_e5m2 accepted) "
+                    "[default: the model's dtype]."),
+        option("--weight-dtype", "--quantization", "weight_dtype", type=Dtype(WEIGHT_DTYPES), default_from=config,
+               show_default=False, metavar="DTYPE", hidden_opts=("--quantization",),
+               help="Weight format of the decoder's matrices: bf16, fp16, fp8, int8, int4, mxfp4 (routed experts "
+                    "only, 4.25 bits) or auto (vLLM: --quantization) [default: --weight-bits if given, else the checkpoint's format, else the model's dtype]."),
+        option("--gpu-memory-utilization", type=float, default_from=config, show_default=False,
+               help="Share of HBM the engine may use, in (0, 1] (vLLM's flag); given, it replaces --reserve-frac "
+                    "with 1 - it [default: 1 - --reserve-frac]."),
+        option("--max-model-len", type=int, default_from=config, show_default=False,
+               help="Longest context the engine admits, tokens (vLLM's flag); at least --gen-tokens [default: no cap]."),
+    )
+
+
+def copy_options(config: str = SIM, only: tuple[str, ...] | None = None):
+    """How the KV cache is laid out in blocks and copied from DDR (`config`'s block_size, kv_layout, copy_method)."""
+    options = {
+        "block_size": option("--block-size", type=int, default_from=config,
+                             help="Tokens per KV block (vLLM 16, SGLang 64); HBM is freed a whole block at a time."),
+        "kv_layout": option("--kv-layout", type=click.Choice(KV_LAYOUTS), default_from=config,
+                            help="per-layer: each layer's K and V apart (vLLM's paged cache); cross-layer: a block's "
+                                 "layers together (vLLM's offloading connector)."),
+        "copy_method": option("--copy-method", type=click.Choice(COPY_METHODS), default_from=config,
+                              help="How DDR-tier KV reaches the GPU: dma (a cudaMemcpyAsync per piece), dma-batched "
+                                   "(one call, a descriptor per piece), gather-kernel (a kernel reads mapped host "
+                                   "memory, taking SMs), host-gather (the CPU packs pinned chunks); auto: the cheapest "
+                                   "by the profile's copy constants. With --pageable only auto (the paper's path)."),
+    }
+    return stack(*(options[k] for k in (only or options)))
+
+
 # -- the policy ----------------------------------------------------------------------------------------
 POLICY_HELP = {
     "hbm_ratio": ("--hbm-ratio", float, "β: share of surviving unprotected tokens kept in HBM."),
@@ -222,15 +313,22 @@ POLICY_HELP = {
     "interval": ("--interval", int, "Δ: decode steps between re-tiers."),
     "compressed_ratio": ("--compressed-ratio", float, "Share of offloaded tokens stored compressed."),
     "compressed_bits": ("--compressed-bits", int, "Bit width of the compressed tier (2, 4 or 8)."),
-    "page_size": ("--page-size", int, "Tokens per page, the unit of tiering and transfer."),
-    "eviction": ("--eviction", click.Choice(("target", "compound")),
-                 "target: evicted ≈ r of unprotected tokens; compound: r of candidates every round (authors' code)."),
-    "sticky": ("--sticky/--no-sticky", None, "Never re-score or promote offloaded tokens (authors' prototype)."),
+    "page_size": ("--page-size", int, "Tokens per page, the unit of tiering and transfer [default: {page}]."),
+    "eviction": ("--eviction", click.Choice(EVICTION_MODES),
+                 "target: evicted ≈ r of unprotected tokens; compound: r of the candidates every round (the authors' "
+                 "accuracy code); prototype: the authors' system prototype (only HBM-resident tokens re-tiered, DDR "
+                 "tokens never re-scored, promoted or evicted)."),
+    "sticky": ("--sticky/--no-sticky", None, "Never re-score or promote offloaded tokens (on the target or compound "
+                                             "policy; for the authors' system prototype use --eviction prototype)."),
 }
 
 
-def policy_options(f=None, *, source: str = POLICY, fields: tuple[str, ...] = tuple(POLICY_HELP)):
-    """The tiering policy's knobs with `source`'s defaults; the command receives `policy: PolicyConfig`."""
+def policy_options(f=None, *, source: str = POLICY, fields: tuple[str, ...] = tuple(POLICY_HELP),
+                   page: str = "the KV block size"):
+    """The tiering policy's knobs with `source`'s defaults; the command receives `policy: PolicyConfig`.
+
+    `page` says what --page-size defaults to in this command (the block size where there are KV blocks).
+    """
     def decorate(f):
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
@@ -240,7 +338,7 @@ def policy_options(f=None, *, source: str = POLICY, fields: tuple[str, ...] = tu
             kwargs["policy"] = PolicyConfig(**{name: kwargs.pop(name) for name in fields})
             return f(*args, **kwargs)
 
-        opts = [option(POLICY_HELP[k][0], k, type=POLICY_HELP[k][1], default_from=source, help=POLICY_HELP[k][2])
-                for k in fields]
+        opts = [option(POLICY_HELP[k][0], k, type=POLICY_HELP[k][1], default_from=source,
+                       help=POLICY_HELP[k][2].format(page=page), show_default=k != "page_size") for k in fields]
         return stack(*opts)(wrapper)
     return decorate(f) if f is not None else decorate

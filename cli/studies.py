@@ -1,5 +1,6 @@
 """Commands over many simulations: `advise` (which option serves best), `scaling` (the paper's table, simulated),
-`sweep` (a grid on a pool or Dask) and `report` (plots and Markdown of a sweep)."""
+`sweep` (a grid on a pool or Dask), `report` (plots and Markdown of a sweep) and `reproduce-prototype` (the
+authors' system prototype beside tiersim)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from tiersim.cli.options import (
     SIM,
     WEIGHT_DTYPE_BITS,
     WeightBits,
+    copy_options,
+    deployment_options,
     format_option,
     hardware_option,
     json_option,
@@ -28,6 +31,7 @@ from tiersim.errors import TiersimError
 
 SCALING = "tiersim.studies.scaling:ScalingConfig"
 ADVISE = "tiersim.api:advise"
+PROTOTYPE = "tiersim.studies.prototype:reproduce_prototype"
 
 
 def _csv(values: tuple[str, ...]) -> list[str]:
@@ -53,8 +57,9 @@ def _joined(values) -> str:
 
 
 def _weights(text: str) -> tuple[str, ...]:
-    """'16,int4' -> ('fp16', 'int4'); a value neither bits nor a dtype passes on, for ScalingConfig to name it."""
+    """'16,int4,native' -> ('fp16', 'int4', 'native'); anything else names --weight-bits and what is accepted."""
     from tiersim.cli.options import BITS_DTYPE
+    from tiersim.studies.scaling import WEIGHT_BITS
 
     kinds = WeightBits()
     out = []
@@ -63,6 +68,8 @@ def _weights(text: str) -> tuple[str, ...]:
             out.append(BITS_DTYPE[kinds.convert(v, None, None)] if v.isdigit() else v.lower())
         except click.BadParameter:
             out.append(v)
+        if out[-1] not in WEIGHT_BITS:
+            raise TiersimError(f"--weight-bits {v!r} invalid; accepted: 4, 8, 16, 32 or {', '.join(WEIGHT_BITS)}")
     return tuple(out)
 
 
@@ -75,8 +82,11 @@ def _weights(text: str) -> tuple[str, ...]:
 @option("--context", "contexts", default_from=SCALING, convert=_joined, metavar="N[,N...]",
         help="Generated tokens per sequence (the KV length analysed).")
 @option("--weight-bits", "--weights", "weights", default_from=SCALING, hidden_opts=("--weights",), metavar="BITS[,...]",
-        convert=lambda dtypes: _joined(WEIGHT_DTYPE_BITS[d] for d in dtypes),
-        help="Weight precisions of the grid: 16, 8, 4 (or fp16, bf16, fp32, int8, int4); capacity only, see the README.")
+        convert=lambda dtypes: _joined(WEIGHT_DTYPE_BITS.get(d, d) for d in dtypes),
+        help="Weight precisions of the grid: 16, 8, 4 (or fp16, bf16, fp32, int8, int4), or native (the checkpoint's "
+             "format: fp8 for DeepSeek-R1, mxfp4 experts for gpt-oss).")
+@option("--tps", default_from=SCALING, convert=_joined, metavar="N[,N...]",
+        help="Tensor-parallel sizes (GPUs per replica); every row is one GPU's share.")
 @option("--strategies", default_from=SCALING, convert=_joined, metavar="NAME[,...]",
         help="Strategies to simulate against full.")
 @option("--paper/--no-paper", default_from=SCALING,
@@ -87,14 +97,14 @@ def _weights(text: str) -> tuple[str, ...]:
 @policy_options
 @json_option
 @out_folder("Folder for scaling.json and scaling.csv.")
-def scaling(model, hardware, batches, contexts, weights, strategies, paper, steps, trace, depth, pinned, seed,
+def scaling(model, hardware, batches, contexts, weights, tps, strategies, paper, steps, trace, depth, pinned, seed,
             reserve_frac, policy, json_out: str | None, out: Path | None) -> None:
     """The paper's scaling analysis with real KV heads, simulated."""
     from tiersim import api
 
     args = dict(model=_csv(model) or None, hardware=_csv(hardware) or "h200-sxm", policy=policy,
                 batches=_csv_ints("--batches", batches), contexts=_csv_ints("--context", contexts), weights=_weights(weights),
-                strategies=tuple(_csv((strategies,))), paper=paper, steps=steps, trace=trace, depth=depth, pinned=pinned,
+                tps=_csv_ints("--tps", tps), strategies=tuple(_csv((strategies,))), paper=paper, steps=steps, trace=trace, depth=depth, pinned=pinned,
                 seed=seed, reserve_frac=reserve_frac)
     with bar("scaling: simulated points") as advance:
         rows = api.scaling(**args, progress=advance)
@@ -116,16 +126,17 @@ def scaling(model, hardware, batches, contexts, weights, strategies, paper, step
 def print_scaling(rows: list[dict], policy, steps: int, strategies: tuple[str, ...]) -> None:
     """The scaling table: capacity at the end of the chain, then simulated overhead per strategy."""
     short = {"evict-only": "evict", "prefetch-sync": "sync", "prefetch-layer": "layer", "cpu-attention": "cpu-attn"}
-    t = new_table(f"KV cache at the end of the chain (real KV heads vs the paper's formula), β={policy.hbm_ratio} "
-                  f"r={policy.evict_ratio}; overhead vs full simulated over {steps} steps of steady batching with weights "
-                  f"at the model's dtype; * = the paper's scenario",
-                  ("model", "hardware", "batch", "tokens", "weights", "KV GB (paper formula)", "weights GB", "KV/HBM",
+    t = new_table(f"KV cache per GPU at the end of the chain (real KV heads vs the paper's formula), β={policy.hbm_ratio} "
+                  f"r={policy.evict_ratio}; overhead vs full simulated over {steps} steps of steady batching; tp: "
+                  f"GPUs per replica, every size one GPU's; * = the paper's scenario",
+                  ("model", "hardware", "tp", "batch", "tokens", "weights", "KV GB (paper formula)", "weights GB", "KV/HBM",
                    "saved GB", "fits full/tiered", "DDR GB/step (link ms)", "full ms/step",
                    *(f"{short[s]} %" for s in strategies)), left=("model", "hardware", "weights"))
     t.columns[0].no_wrap = True
     yn = lambda v: "yes" if v else "NO"  # noqa: E731
     for r in rows:
-        t.add_row(r["model"] + ("*" if r["paper_scenario"] else ""), r["hardware"], str(r["batch"]), str(r["context"]),
+        t.add_row(r["model"] + ("*" if r["paper_scenario"] else ""), r["hardware"], str(r.get("tp", 1)), str(r["batch"]),
+                  str(r["context"]),
                   r["weights_dtype"], f"{r['kv_gb']:.2f} ({r['kv_gb_paper_formula']:.2f})", f"{r['weights_gb']:.1f}",
                   f"{100 * r['kv_share_hbm']:.1f}%", f"{r['hbm_saved_gb']:.2f}", f"{yn(r['fits_full'])}/{yn(r['fits_tiered'])}",
                   f"{r['ddr_gb_per_step']:.3f} ({r['ddr_link_ms_per_step']:.1f})", f"{r['step_ms_full']:.2f}",
@@ -143,6 +154,8 @@ def print_scaling(rows: list[dict], policy, steps: int, strategies: tuple[str, .
 @run_options(SIM, ("depth",))
 @trace_option
 @run_options(SIM, ("pinned", "seed", "reserve_frac"))
+@deployment_options(SIM)
+@copy_options(SIM)
 @policy_options
 @json_option
 def advise(slo_ms: float | None, max_batch: int, policy, json_out: str | None, **fields) -> None:
@@ -227,3 +240,44 @@ def report(results: Path, out: Path, formats: tuple[str, ...], budget_pct: float
     with spinner(f"report of {results.name}"):
         paths = write_report(results, out, budget_pct, formats=formats)
     say(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+@cli.command("reproduce-prototype")
+@option("--gen-tokens", type=int, default_from=PROTOTYPE,
+        help="Generated tokens per chain (GSM8K: ~2.5K for R1-Distill-Qwen-7B, DESIGN.md §4).")
+@option("--requests", type=int, default_from=PROTOTYPE, help="Chains served one after another at batch 1.")
+@option("--compute-ms", type=float, default_from=PROTOTYPE,
+        help="Compute per decode step, ms, pinned to the paper's measured forward (a third run uses the roofline).")
+@trace_option
+@option("--hbm-ratio", type=float, default_from=PROTOTYPE, help="β: share of the GPU-resident candidates kept on the GPU.")
+@option("--evict-ratio", type=float, default_from=PROTOTYPE, help="r: share of the GPU-resident candidates evicted.")
+@json_option
+def reproduce_prototype(gen_tokens: int, requests: int, compute_ms: float, trace: Path | None, hbm_ratio: float,
+                        evict_ratio: float, json_out: str | None) -> None:
+    """The authors' system prototype (R1-Distill-Qwen-7B int8, batch 1, RTX 5080, pageable copies): the paper's
+    figures beside tiersim's."""
+    import dataclasses
+
+    from tiersim import api
+
+    with spinner(f"the prototype's run on {gen_tokens}-token chains: compute pinned, roofline, and at the paper's load"):
+        rep = api.reproduce_prototype(gen_tokens, requests, compute_ms, trace, hbm_ratio, evict_ratio)
+    figures = [{**dataclasses.asdict(f), "paper": f.paper} for f in rep.figures]
+    if emit_json(json_out, {"titles": rep.titles(), "rows": rep.rows(), "figures": figures, "gen_tokens": rep.gen_tokens,
+                            "matched_gen_tokens": rep.matched_gen_tokens, "compute_ms": rep.compute_ms,
+                            "summary": rep.summary, "summary_roofline": rep.summary_roofline,
+                            "summary_matched": rep.summary_matched}):
+        return
+    # The third run exists only when the chains grew a DDR tier as large as the paper's.
+    keep = len(rep.titles()) - (rep.matched_gen_tokens is None)
+    t = new_table(f"the authors' system prototype (β={hbm_ratio:g}, r={evict_ratio:g}, {requests} chain"
+                  f"{'s' if requests > 1 else ''} at batch 1): paper beside tiersim", rep.titles()[:keep],
+                  left=("figure",))
+    for row in rep.rows():
+        t.add_row(*row[:keep])
+    print_table(t)
+    if rep.matched_gen_tokens is None:
+        say(f"no run at the paper's DDR load: {gen_tokens}-token chains never average "
+            f"{rep.figure('DDR tokens per step').paper} DDR tokens per step; a larger --gen-tokens reaches it")
+    say("why they differ: the docstring of tiersim/studies/prototype.py (DDR tier size, roofline vs measured compute, "
+        "device copies not modelled)")

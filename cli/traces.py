@@ -57,7 +57,7 @@ def _print_fit(like: Path, json_out: str | None):
 
 @cli.command()
 @click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
-@policy_options
+@policy_options(page="1 token")
 @click.option("--request", "request_index", type=int, default=None, help="Only this request (0-based); default all.")
 @out_file("Write every schedule's arrays to FILE.npz (keys <array>_<request>).", flag="--export", metavar="FILE.npz")
 @json_option
@@ -93,7 +93,7 @@ def schedule(trace: Path, policy, request_index: int | None, export: Path | None
 
 @cli.command("inspect")
 @click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
-@policy_options
+@policy_options(page="1 token")
 @click.option("--request", "request_index", type=int, default=None, help="Only this request (0-based); default all.")
 @out_file("Write the importance heatmap and tier timeline of --request (default 0) as a plot.", flag="--plot",
           metavar="FILE.png")

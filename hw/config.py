@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tiersim import check
+from tiersim.copy_methods import check_unit_nests
 from tiersim.errors import ConfigError
+from tiersim.hw.copies import check_block_size, check_copy_method
 from tiersim.specs import ModelSpec
 from tiersim.strategy import STRATEGIES, Strategy, get_strategy
 from tiersim.workload.config import RunConfig
@@ -38,12 +40,26 @@ class ReplayConfig(RunConfig):
     device: str = "cpu"
     warmup_steps: int = 2
     chunk_tokens: int = 128  # tokens per T0 chunk (attention reads whole chunks, the last one partly masked)
+    copy_method: str = "auto"  # how DDR-tier pieces reach the device (hw/copies.py); auto: see resolve_method
+    block_size: int = 16  # tokens per KV block of the host pool: a piece is at most one block, K or V of a layer
 
     def __post_init__(self) -> None:
         replayable(self.strategy)  # before RunConfig's check, whose refusal would only say "unknown"
         RunConfig.__post_init__(self)  # explicit: zero-argument super() fails in a slots dataclass
         check.integer("warmup_steps", self.warmup_steps, 0)
         check.integer("chunk_tokens", self.chunk_tokens, 1)
+        check_replayable_model(self.model)
+        check_copy_method(self.copy_method, self.cuda)
+        check_block_size(self.block_size, self.chunk_tokens)
+        # The tiering unit as the simulator resolves it (an unset page_size: the block; the prototype: 1 token), so
+        # both sides of a validation tier and copy the same pieces.
+        policy = self.policy.for_block_size(self.block_size)
+        check_unit_nests(self.block_size, policy.page_size)
+        object.__setattr__(self, "policy", policy)
+        if not self.pinned and self.copy_method != "auto":
+            raise ConfigError("copy_method", f"copy_method {self.copy_method!r} needs pinned host memory; with "
+                                             "--pageable the replay gathers into a new pageable tensor, then copies "
+                                             "(the paper's prototype); accepted: --copy-method auto")
         if self.policy.compressed_ratio > 0:
             raise ConfigError("compressed_ratio", f"compressed_ratio {self.policy.compressed_ratio} > 0: the replay "
                                                   "has no compressed tier; accepted: --compressed-ratio 0")
@@ -66,6 +82,17 @@ class ReplayConfig(RunConfig):
     def staging_buffers(self) -> int:
         """Staging buffers the strategy holds on the device."""
         return self.strategy_record.staging_buffers(self.depth, self.model.layers)
+
+
+def check_replayable_model(model: ModelSpec) -> None:
+    """Refuse, naming `model`, what the replay's kernels do not run: experts, MLA, sliding-window layers."""
+    why = ("routed experts (MoE)" if model.moe is not None else
+           "multi-head latent attention (MLA)" if model.mla is not None else
+           "sliding-window layers" if model.sliding_layers else None)
+    if why is not None:
+        raise ConfigError("model", f"model {model.name} has {why}; the replay runs dense decoder layers with full "
+                                   f"attention over per-head K and V only (hw/kernels.py); accepted: a dense "
+                                   f"full-attention model (this one can be simulated: tiersim simulate)")
 
 
 def reduced_model(model: ModelSpec, layers: int | None) -> ModelSpec:

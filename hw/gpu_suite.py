@@ -2,15 +2,23 @@
 
     python -m tiersim.hw.gpu_suite --out DIR [--device cpu|cuda|cuda:N] [--quick] [--budget-s SECONDS]
 
-Writes DIR/profile.toml (+ profile.raw.json), DIR/validate_suite.json, DIR/exactness.json,
-DIR/summary.json and DIR/README.md (the error table). Sized to finish in under 8 minutes on an H200:
-the suite stops starting configurations when its share of the budget is spent (and lists them as
-skipped). `--device cpu --quick` runs the same steps, shortened, on this machine (CI runs it); its
-results are CPU measurements, never GPU ones.
+Calibrates on the suite's fit shapes (hw/calibrate.py: copy curves per direction and memory kind, both
+directions at once, every copy mechanism against piece size and count, a copy beside a GEMM and beside
+attention, host gathers by threads, GEMM and attention roofline points, whole layers and the lm_head,
+the launch floor and the per-step overhead), measures the suite's own shapes as held out, then replays
+the suite's configurations (validate/suite.py: shapes the fit never saw x strategies x batches x β x
+copy mechanisms) and writes eight files, the most a lent device hands back: DIR/profile.toml (with
+its [fit] and [validation] tables), DIR/profile.raw.json, DIR/validate_suite.json,
+DIR/exactness.json, DIR/summary.json, DIR/README.md (the report: machine, error table, fit
+residuals), DIR/report.html and DIR/validation_scatter.png. Sized to finish in under 8 minutes on an
+H200: the suite stops starting configurations when its share of the budget is spent (and lists them
+as skipped). `--device cpu --quick` runs the same steps, shortened, on this machine (CI runs it);
+its results are CPU measurements, never GPU ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -18,12 +26,14 @@ from pathlib import Path
 
 import click
 
+from tiersim.calibration.profile import write_profile
 from tiersim.errors import TiersimError
 from tiersim.fileio import atomic_path, write_json
 from tiersim.hw.calibrate import calibrate
 from tiersim.hw.device import DeviceError, resolve_device
 from tiersim.policy import PolicyConfig
-from tiersim.validate import error_table, run_suite, suite_for
+from tiersim.validate import run_suite, suite_for
+from tiersim.validate.report import write_report
 
 BUDGET_S = 8 * 60
 
@@ -72,32 +82,41 @@ def run(out: Path, device: str = "cuda", quick: bool = False, budget_s: float = 
     wall = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     suite = suite_for(device, quick)
-    log(f"calibrating {device} with {suite.model.name} layer shapes{' (quick)' if quick else ''} ...")
-    cal = calibrate(device, suite.model, quick=quick)
+    first, *more = suite.fit_shapes
+    held = () if quick else tuple(s.model for s in suite.shapes)
+    log(f"calibrating {device} on {', '.join(m.name for m in suite.fit_shapes)} shapes"
+        f"{'' if not held else ', ' + ', '.join(m.name for m in held) + ' held out'}{' (quick)' if quick else ''} ...")
+    cal = calibrate(device, first, quick=quick, shapes=more, held_out=held)
     toml_path, raw_path = cal.write(out / "profile.toml")
     log(f"wrote {toml_path} and {raw_path} ({time.perf_counter() - wall:.0f} s)")
     left = budget_s - (time.perf_counter() - wall) - (15 if quick else 60)  # keep time for the exactness check
     log("validate suite ...")
     result = run_suite(device, cal.profile, Path(tempfile.mkdtemp(prefix="tiersim-suite-")), quick=quick,
-                       budget_s=max(0.0, left),
-                       progress=lambda r: log(f"  {r['config']['strategy']:>14} batch {r['config']['batch']:>4} "
-                                              f"β {r['config']['policy']['hbm_ratio']}: measured {r['measured_step_ms']:.3f} ms,"
-                                              f" predicted {r['predicted_step_ms']:.3f} ms ({r['step_error_pct']:+.1f}%)"))
+                       budget_s=max(0.0, left), report=False,
+                       progress=lambda r: log(f"  {r['config']['model']:>14} {r['config']['strategy']:>14} "
+                                              f"{r['config']['copy_method']:>11} batch {r['config']['batch']:>4} "
+                                              f"β {r['config']['policy']['hbm_ratio']}: measured "
+                                              f"{r['measured_step_ms']:.3f} ms, predicted {r['predicted_step_ms']:.3f} ms "
+                                              f"({r['step_error_pct']:+.1f}%)"))
     write_json(out / "validate_suite.json", result)
+    if result["validation"]:
+        write_profile(dataclasses.replace(cal.profile, validation=result["validation"]), toml_path,
+                      f"Written by `python -m tiersim.hw.gpu_suite`; raw measurements and fits in {raw_path.name}; "
+                      "[validation] from validate_suite.json.")
     log("exactness check ...")
     exact = exactness(str(dev), quick)
     write_json(out / "exactness.json", exact)
-    label = result["device"].get("label", device)
     summary = {"device": result["device"], "profile": str(toml_path), "suite": result["summary"],
-               "skipped": result["skipped"], "exactness_passed": exact.get("passed"), "exactness_ran": exact["ran"],
+               "validation": result["validation"], "fit": cal.profile.fit, "skipped": result["skipped"],
+               "exactness_passed": exact.get("passed"), "exactness_ran": exact["ran"],
                "wall_s": time.perf_counter() - wall, "quick": quick}
     write_json(out / "summary.json", summary)
-    text = (f"# tiersim hardware validation: {label}\n\n{'Shortened (--quick) run. ' if quick else ''}"
-            f"Profile: `profile.toml`; suite: `validate_suite.json`; exactness: `exactness.json` "
-            f"({'passed' if exact.get('passed') else 'not run' if not exact['ran'] else 'FAILED'}).\n\n"
-            f"{error_table(result)}\n")
-    with atomic_path(out / "README.md") as tmp:
-        Path(tmp).write_text(text)
+    report = write_report(result, out, formats=("png",), name="README.md")
+    note = (f"\n{'Shortened (--quick) run. ' if quick else ''}Profile: `profile.toml`; suite: `validate_suite.json`; "
+            f"exactness: `exactness.json` ({'passed' if exact.get('passed') else 'not run' if not exact['ran'] else 'FAILED'})"
+            f"; {summary['wall_s']:.0f} s in all.\n")
+    with atomic_path(report[0]) as tmp:
+        Path(tmp).write_text(report[0].read_text() + note)
     log(f"done in {summary['wall_s']:.0f} s; results in {out}")
     return summary
 

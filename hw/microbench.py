@@ -1,8 +1,9 @@
 """Microbenchmarks of one machine: copies against size, both directions at once, host gathers, GEMMs of a
 model's layer shapes, attention over a KV-length sweep, whole model-shaped layers.
 
-Timing: CUDA events on CUDA (warm-up, then the median of repeats, each repeat `inner` calls back to
-back), `time.perf_counter` on CPU. Every result keeps its spread (p10, p90). On `--device cpu` the
+Timing (hw/timing.py): CUDA events on CUDA (warm-up, then the median of repeats, each repeat `inner` calls back
+to back), `time.perf_counter` on CPU; every result keeps its spread (p10, p90, CV, a confidence interval of the
+median) and is repeated, then flagged, when it varies too much. On `--device cpu` the
 "device" is host memory and compute runs on one torch thread, exactly as the replay runs it
 (hw/replay.py): a real measurement of this machine, labelled as such, never a GPU result. The layer, head
 and attention benchmarks time the replay's own kernels (hw/kernels.py).
@@ -15,87 +16,20 @@ import functools
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tiersim.hw.copy_bench import host_gather_threads, interference, mechanism_curves
 from tiersim.hw.device import DeviceError, device_info, device_name, resolve_device, uva_alias
 from tiersim.hw.kernels import LayerWeights, decode_attention, head_kernel, layer_kernel, mlp, torch_dtype
 from tiersim.hw.memory import mem_total_bytes
 from tiersim.hw.streams import cpu_threads
+from tiersim.hw.timing import Timing, time_op
 from tiersim.specs import ModelSpec
 
 KIB, MIB = 1 << 10, 1 << 20
 DEFAULT_CHUNK = 128  # tokens per T0 chunk (ReplayConfig.chunk_tokens)
 COPY_SIZES = tuple(4 * KIB * 4**i for i in range(9))  # 4 KiB .. 256 MiB
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """Seconds per call: median and spread over repeats."""
-
-    median_s: float
-    p10_s: float
-    p90_s: float
-    min_s: float
-    max_s: float
-    repeats: int
-    inner: int
-
-    @property
-    def spread(self) -> float:
-        """(p90 - p10) / median."""
-        return (self.p90_s - self.p10_s) / self.median_s if self.median_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        """Fields plus the spread."""
-        return {**asdict(self), "spread": self.spread}
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
-def time_op(fn, device, warmup: int = 2, repeats: int = 7, inner: int | None = None, min_repeat_s: float = 2e-3) -> Timing:
-    """Time fn(): warm-up calls, then `repeats` timed groups of `inner` back-to-back calls (chosen so that a
-    group lasts about `min_repeat_s`); CUDA events on CUDA, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if inner is None:
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        once = max(time.perf_counter() - t, 1e-7)
-        inner = int(min(1000, max(1, math.ceil(min_repeat_s / once))))
-    samples = []
-    if device.type == "cuda":
-        import torch
-
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e-3 / inner)
-    else:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t) / inner)
-    s = np.array(samples)
-    return Timing(float(np.median(s)), float(np.percentile(s, 10)), float(np.percentile(s, 90)), float(s.min()),
-                  float(s.max()), repeats, inner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +336,21 @@ def layer_points(quick: bool) -> list[tuple[int, int, int]]:
     return points
 
 
+def copy_mechanisms(dev, model: ModelSpec, quick: bool, reps: int) -> dict:
+    """The copy mechanisms' benchmarks (hw/copy_bench.py), shortened with `quick`: `copy_mechanisms` (time against
+    piece size and count per mechanism), `interference` (a copy beside a GEMM and attention), `host_gather_threads`."""
+    if quick:
+        curves = mechanism_curves(dev, sizes=(256, 4 * KIB, 64 * KIB, MIB), counts=(1, 16, 256), total_bytes=MIB,
+                                  max_pieces=1024, repeats=reps, budget_s=0.2)
+        beside = interference(dev, model, nbytes=4 * MIB, tokens=64, kv_tokens=1088, repeats=2, span_s=0.02)
+        threads = host_gather_threads(model, nbytes=4 * MIB, pinned=dev.type == "cuda", repeats=reps)
+    else:
+        curves = mechanism_curves(dev, repeats=reps)
+        beside = interference(dev, model, repeats=reps)
+        threads = host_gather_threads(model, pinned=dev.type == "cuda", repeats=reps)
+    return {"copy_mechanisms": curves, "interference": beside, "host_gather_threads": threads}
+
+
 def measure(device: str, model: ModelSpec, quick: bool = False) -> dict:
     """Every microbenchmark of `calibrate`, as a JSON-ready dict (times in seconds, sizes in bytes)."""
     dev = resolve_device(device)
@@ -418,6 +367,7 @@ def measure(device: str, model: ModelSpec, quick: bool = False) -> dict:
         gather_sizes = (MIB, 4 * MIB, 16 * MIB) if quick else (256 * KIB, MIB, 4 * MIB, 16 * MIB)
         raw["gather"] = gather_curve(dev, model, gather_sizes, reps)
         raw["link_gather"] = link_gather_curve(dev, model, gather_sizes, reps)
+        raw.update(copy_mechanisms(dev, model, quick, reps))
         raw["gemm"] = gemm_sweep(dev, model, (1, 8, 256) if quick else (1, 8, 64, 512), reps)
         raw["attention"] = attention_sweep(dev, model, (1, 8) if quick else (1, 8, 32),
                                            _kv_lengths((2, 16) if quick else (2, 8, 32)), repeats=reps)
@@ -430,5 +380,6 @@ def measure(device: str, model: ModelSpec, quick: bool = False) -> dict:
 
 # DeviceError and resolve_device live in hw/device.py; re-exported because the CLI imports them from here.
 __all__ = ["COPY_SIZES", "DeviceError", "Rotation", "Timing", "attention_sweep", "contention", "copy_curve",
+           "copy_mechanisms",
            "device_copy", "duplex", "gather_curve", "gemm_shapes", "gemm_sweep", "head_sweep", "layer_points",
            "layer_sweep", "link_gather_curve", "measure", "resolve_device", "time_op"]

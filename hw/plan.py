@@ -13,6 +13,7 @@ import numpy as np
 
 from tiersim.errors import TiersimError
 from tiersim.hw.config import ReplayConfig
+from tiersim.hw.copies import StagedSet, block_runs
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, TierSchedule
 from tiersim.strategy import Strategy
 from tiersim.workload.build import Workload
@@ -28,6 +29,7 @@ class Layout:
     chunks: int  # chunks per slot in T0
     positions: int  # host-pool slots per sequence (longest request)
     slot_major: bool  # T0 as [slot, chunk, head, token, dim] (per-slot attention) or [chunk, slot, ...]
+    block_size: int = 16  # tokens per KV block of the host pool (a piece never crosses a block boundary)
 
     def t0_rows(self, slot: np.ndarray, index: np.ndarray) -> np.ndarray:
         """T0 rows of (slot, T0 index) pairs, every KV head: shape (n, kv_heads), flattened in that order."""
@@ -38,9 +40,11 @@ class Layout:
         return ((c * self.batch + slot) * self.kv_heads + h) * self.chunk + o
 
     def host_rows(self, slot: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Host-pool K rows of (slot, position) pairs, head-major per slot: shape (kv_heads, n)."""
+        """Host-pool K rows of (slot, position) pairs: shape (kv_heads, n). The pool is in blocks of `block_size`
+        positions, each [position, kv head, head_dim] as vLLM's, a slot's blocks one after the other, so the
+        positions of one block are one contiguous piece."""
         h = np.arange(self.kv_heads)[:, None]
-        return (np.asarray(slot)[None, :] * self.kv_heads + h) * self.positions + np.asarray(pos)[None, :]
+        return (np.asarray(slot)[None, :] * self.positions + np.asarray(pos)[None, :]) * self.kv_heads + h
 
     @property
     def host_v_offset(self) -> int:
@@ -70,10 +74,11 @@ class StepWork:
     new_rows: np.ndarray  # T0 rows for the new tokens' K/V, (token, head) order
     compact: tuple[np.ndarray, np.ndarray] | None = None  # T0 rows moved (src, dst) to fill holes
     d2h: tuple[np.ndarray, np.ndarray] | None = None  # demoted: T0 rows, host K rows (same order)
-    gather: np.ndarray | None = None  # host K rows in staging order (V rows: + host_v_offset)
-    gather_dev: object = None  # the same index on the device (CUDA zero-copy gather)
+    staged_set: StagedSet | None = None  # the DDR-tier rows staged in every layer, and their pieces
     promote: tuple[np.ndarray, np.ndarray] | None = None  # host K rows -> T0 rows, (token, head) order
     demoted_tokens: int = 0
+    demote_pieces: int = 0  # pieces per layer for K (V has as many)
+    promote_pieces: int = 0
 
     @property
     def uniform(self) -> bool:
@@ -89,6 +94,11 @@ class StepWork:
     def touches_t0(self) -> bool:
         """The copy engine reads or rewrites T0 in this step (demotions, compaction, promotions)."""
         return self.d2h is not None or self.compact is not None or self.promote is not None
+
+    @property
+    def staged_pieces(self) -> int:
+        """Staged pieces per layer for K (V has as many)."""
+        return 0 if self.staged_set is None else len(self.staged_set.pieces)
 
 
 @dataclass(slots=True)
@@ -206,6 +216,7 @@ class Planner:
         self.strategy = strategy
         self.schedules: tuple[TierSchedule, ...] = workload.schedules
         self.rows_per_request = workload.tables.shape[1]
+        # A slot's blocks lie one after the other, so the pool needs no whole last block to keep pieces contiguous.
         self.positions = max(s.prompt_tokens + s.steps for s in self.schedules) + 1
         self.slots = [SlotState(self.positions) for _ in range(batch)]
         self.retier_at = [dict(zip(s.retier_steps.tolist(), range(s.retiers))) for s in self.schedules]
@@ -312,15 +323,18 @@ def plan_replay(cfg: ReplayConfig, workload: Workload) -> ReplayPlan:
         cap0 = max(cap0, max(s.n0 for s in planner.slots))
     chunks = -(-cap0 // cfg.chunk)
     uniform = all(d.uniform for d in drafts)
-    layout = Layout(cfg.batch, m.kv_heads, cfg.chunk, chunks, planner.positions, slot_major=not uniform)
+    layout = Layout(cfg.batch, m.kv_heads, cfg.chunk, chunks, planner.positions, slot_major=not uniform,
+                    block_size=cfg.block_size)
     steps, h2d, d2h = [], [], []
     last_gather: tuple | None = None
     for d in drafts:
         work, last_gather = _rows_of(d, layout, strategy, last_gather)
         steps.append(work)
+        # Every replayed layer attends the whole context (ReplayConfig refuses sliding-window layers), so a DDR-tier
+        # token moves its KV of every layer: the model's global-layer bytes.
         fetched = work.staged_rows + int(work.promoted.sum())
-        h2d.append(m.layers * fetched * m.kv_bytes_per_token_layer if strategy.prefetches else 0)
-        d2h.append(work.demoted_tokens * m.kv_bytes_per_token if strategy.keeps_ddr else 0)
+        h2d.append(fetched * m.kv_bytes_per_token_global if strategy.prefetches else 0)
+        d2h.append(work.demoted_tokens * m.kv_bytes_per_token_global if strategy.keeps_ddr else 0)
     rows_max = max((w.staged_rows for w in steps), default=0) * m.kv_heads
     return ReplayPlan(steps, layout, rows_max, np.array(h2d, dtype=np.float64), np.array(d2h, dtype=np.float64))
 
@@ -340,12 +354,34 @@ def _rows_of(d: StepDraft, layout: Layout, strategy: Strategy, last_gather: tupl
     if d.demote:
         work.d2h = (np.concatenate([t0(c.slot, c.t0) for c in d.demote]),
                     np.concatenate([host(c.slot, c.positions).T.ravel() for c in d.demote]))
+        work.demote_pieces = _pieces(d.demote, layout.block_size)
     if d.stage:
         if last_gather is not None and last_gather[0] == d.epochs:
-            work.gather = last_gather[1]  # the same DDR set as the last step: share the index
+            work.staged_set = last_gather[1]  # the same DDR set as the last step: share the index
         else:
-            work.gather = np.concatenate([host(b, pos).ravel() for b, pos in d.stage])
+            work.staged_set = staged_set(d.stage, layout)
     if d.promote and strategy.keeps_ddr:
         work.promote = (np.concatenate([host(c.slot, c.positions).T.ravel() for c in d.promote]),
                         np.concatenate([t0(c.slot, c.t0) for c in d.promote]))
-    return work, (d.epochs, work.gather)
+        work.promote_pieces = _pieces(d.promote, layout.block_size)
+    return work, (d.epochs, work.staged_set)
+
+
+def _pieces(copies: list[HostCopy], block_size: int) -> int:
+    """Pieces per layer (for K) of a re-tier's copies: runs of consecutive positions inside a block, per slot."""
+    return sum(len(block_runs(np.sort(c.positions), block_size)[0]) for c in copies)
+
+
+def staged_set(stage: list[tuple[int, np.ndarray]], layout: Layout) -> StagedSet:
+    """The host rows and pieces of the (slot, sorted DDR-tier positions) a step stages, in staging order: slot
+    after slot, each [kv head, token] (the order the attention reads)."""
+    kvh, tables, gather, row = layout.kv_heads, [], [], 0
+    for b, pos in stage:
+        first, tokens, index = block_runs(pos, layout.block_size)
+        src = layout.host_rows(np.full(len(first), b), first)[0]
+        tables.append(np.stack([src, tokens, np.full(len(first), row), np.full(len(first), len(pos)), index], axis=1))
+        gather.append(layout.host_rows(np.full(len(pos), b), pos).ravel())
+        row += kvh * len(pos)
+    k = np.concatenate(gather)
+    return StagedSet(np.concatenate([k, k + layout.host_v_offset]), np.concatenate(tables).astype(np.int64),
+                     layout.host_v_offset, kvh)

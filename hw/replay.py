@@ -9,11 +9,11 @@ describes (sim/costs.py, sim/engine.py), with real tensors:
 - Every decode step, each layer's DDR-tier tokens are brought into a staging buffer: `prefetch-layer`
   on a separate copy stream (a copy thread; on CUDA a `torch.cuda.Stream` with events), up to `depth`
   layers ahead into `depth + 1` buffers; `prefetch-sync` for all layers into one buffer per layer
-  before the forward pass. As the cost model has it (sim/costs.py): from pinned memory the device
-  gathers the scattered tokens itself over the link (CUDA: an index_select kernel reading the pinned
-  pool through a zero-copy UVA alias, or, where the driver will not map it, host gather + DMA, recorded
-  as `fetch_path`; CPU: one index_select from the host pool into the staging buffer); from pageable
-  memory they are gathered on the host into a new tensor, then copied (the paper's prototype).
+  before the forward pass. The host pool is in KV blocks of `block_size` tokens; the tokens move as
+  pieces (runs inside one block, K and V separately) by the `copy_method` (hw/copies.py: one copy per
+  piece, coalesced copies, a zero-copy gather kernel over mapped pinned memory, or host gather + DMA
+  through bounce buffers; from pageable memory a gather into a new tensor, then a copy: the paper's
+  prototype). The pieces, bytes and copy calls of every step are counted where they are issued.
 - At a re-tier, on the copy engine before that layer's next staged copy: demotions go device to
   host, the holes they and evictions leave in T0 are filled with the last resident tokens, and the
   promotions are copied from the host pool into T0.
@@ -37,10 +37,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tiersim.errors import TiersimError
 from tiersim.hw.config import REPLAY_STRATEGIES, ReplayConfig, reduced_model
+from tiersim.hw.copies import Copier, StepCopies, resolve_method
 from tiersim.hw.device import uva_alias
 from tiersim.hw.kernels import LayerWeights, decode_attention, decoder_layer, rms_norm, torch_dtype
-from tiersim.hw.memory import BOUNCE_ROWS, GB, MemoryNeed, check_memory, memory_need
+from tiersim.hw.memory import GB, MemoryNeed, check_memory, memory_need
 from tiersim.hw.plan import ReplayPlan, StepWork, plan_replay
 from tiersim.hw.streams import Clock, Progress, cpu_threads, on_stream
 from tiersim.workload.build import Workload
@@ -60,6 +62,8 @@ class ReplayResult:
     uniform: bool
     wall_s: float
     fetch_path: str = ""  # how DDR-tier tokens reached the staging buffers
+    copy_method: str = ""  # the mechanism that ran (hw/copies.py)
+    copies: StepCopies | None = None  # per step: pieces, bytes and copy calls moved
 
     def summary(self) -> dict:
         """Means in ms, totals, spread."""
@@ -73,19 +77,30 @@ class ReplayResult:
             "h2d_gb_per_step": float(self.h2d_bytes.mean() / GB), "d2h_gb_per_step": float(self.d2h_bytes.mean() / GB),
             "device_gb": self.memory.device_bytes / GB if self.memory else None,
             "host_gb": self.memory.host_bytes / GB if self.memory else None,
-            "batched_attention": self.uniform, "fetch_path": self.fetch_path, "wall_s": self.wall_s,
+            "batched_attention": self.uniform, "fetch_path": self.fetch_path, "copy_method": self.copy_method,
+            **(self.copies.summary() if self.copies is not None else {}), "wall_s": self.wall_s,
         }
 
 
-def fetch_path(cfg: ReplayConfig) -> str:
-    """How DDR-tier tokens reach the staging buffers, before the UVA alias is tried."""
+FETCH_PATHS = {
+    ("pageable", False): "pageable: host gather into a new tensor, then copy",
+    ("pageable", True): "pageable: host gather into a new tensor, then copy",
+    ("gather-kernel", True): "pinned: zero-copy GPU gather over the link (UVA index_select)",
+    ("dma", True): "pinned: one cudaMemcpyAsync per piece into a landing buffer, then a reorder kernel",
+    ("dma", False): "pinned: one copy per piece into the staging buffer (CPU device)",
+    ("dma-batched", True): "pinned: one cudaMemcpyAsync per run of adjacent pieces, then a reorder kernel",
+    ("dma-batched", False): "pinned: one index_select from the host pool into the staging buffer (CPU device)",
+    ("host-gather", True): "pinned: host gather into pinned bounce buffers + DMA, chunk by chunk",
+    ("host-gather", False): "pinned: host gather into a bounce buffer, then a copy (CPU device)",
+}
+
+
+def fetch_path(cfg: ReplayConfig, method: str | None = None) -> str:
+    """How DDR-tier tokens reach the staging buffers (before the UVA alias is tried, unless `method` is given)."""
     if not cfg.strategy_record.keeps_ddr:
         return "none"
-    if not cfg.pinned:
-        return "pageable: host gather into a new tensor, then copy"
-    if cfg.cuda:
-        return "pinned: zero-copy GPU gather over the link (UVA index_select)"
-    return "pinned: one index_select from the host pool into the staging buffer (CPU device)"
+    method = method or resolve_method(cfg.copy_method, cfg.cuda, cfg.pinned, uva=True)
+    return FETCH_PATHS[(method, cfg.cuda)]
 
 
 class Replayer:
@@ -113,15 +128,23 @@ class Replayer:
         keeps_ddr, pin = self.strategy.keeps_ddr, self.cuda and cfg.pinned
         host_rows = 2 * lay.host_v_offset if keeps_ddr else 0
         self.host = [torch.zeros(host_rows, m.head_dim, dtype=self.dtype, pin_memory=pin) for _ in range(m.layers)]
-        self.host_uva, self.fetch_path = [], fetch_path(cfg)
-        if pin and keeps_ddr:
+        self.host_uva, why = [], ""
+        if pin and keeps_ddr and cfg.copy_method in ("auto", "gather-kernel"):
             try:
                 self.host_uva = [uva_alias(h, self.device) for h in self.host]
-            except Exception as e:  # noqa: BLE001 - any failure: fall back to host gather + DMA
-                self.fetch_path = f"host gather + DMA (zero-copy UVA alias unavailable: {str(e).splitlines()[0][:120]})"
-        self.bounce = [torch.empty(BOUNCE_ROWS, m.head_dim, dtype=self.dtype, pin_memory=True)
-                       for _ in range(2)] if (pin and keeps_ddr and not self.host_uva) else []
-        self._bounce_done = [None, None]  # events: the DMA that last read each bounce buffer
+            except Exception as e:  # noqa: BLE001 - any failure: auto falls back to host gather + DMA
+                why = str(e).splitlines()[0][:120]
+                if cfg.copy_method == "gather-kernel":
+                    raise TiersimError(f"--copy-method gather-kernel: the zero-copy UVA alias of pinned host memory "
+                                       f"is unavailable here ({why}); accepted: dma, dma-batched, host-gather") from e
+        self.copy_method = resolve_method(cfg.copy_method, self.cuda, cfg.pinned, bool(self.host_uva))
+        self.fetch_path = fetch_path(cfg, self.copy_method)
+        if why:
+            self.fetch_path += f" (zero-copy UVA alias unavailable: {why})"
+        d2h_rows = max((len(w.d2h[0]) for w in plan.steps if w.d2h is not None), default=0)
+        promote_rows = max((len(w.promote[1]) for w in plan.steps if w.promote is not None), default=0)
+        self.copier = Copier(self.copy_method, self.device, self.dtype, m.head_dim, m.kv_heads,
+                             plan.staging_rows_max, len(plan.steps), d2h_rows, promote_rows, cfg.pinned)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._to_device(torch)
         self.inputs: dict[int, object] = {}
@@ -131,7 +154,6 @@ class Replayer:
         dev, lay = self.device, self.plan.layout
         as_dev = lambda a: torch.as_tensor(a, dtype=torch.int64, device=dev)  # noqa: E731
         as_host = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
-        shared: dict[int, tuple] = {}
         for w in self.plan.steps:
             w.new_rows = as_dev(w.new_rows)
             if w.compact is not None:
@@ -142,83 +164,33 @@ class Replayer:
             if w.d2h is not None:
                 t0, host = w.d2h
                 w.d2h = (as_dev(t0), as_host(np.concatenate([host, host + lay.host_v_offset])))
-            if w.gather is not None and isinstance(w.gather, np.ndarray):
-                key = id(w.gather)
-                if key not in shared:
-                    rows = np.concatenate([w.gather, w.gather + lay.host_v_offset])
-                    shared[key] = (w.gather, as_host(rows), as_dev(rows) if self.host_uva else None)
-                w.gather, w.gather_dev = shared[key][1], shared[key][2]
+            if w.staged_set is not None:
+                w.staged_set.prepare(self.copy_method, dev)  # once per set: steps with the same DDR set share it
         self._positions = [torch.as_tensor(w.positions, device=dev) for w in self.plan.steps] if self.probe else None
 
-    # -- copies ---------------------------------------------------------------------------------
-    def demote(self, layer: int, w: StepWork) -> None:
-        """Copy a re-tier's demoted tokens of one layer from T0 to the host pool."""
-        import torch
-
-        t0_rows, host_rows = w.d2h
-        k0, v0 = self.k0[layer].view(-1, self.m.head_dim), self.v0[layer].view(-1, self.m.head_dim)
-        data = torch.cat([k0.index_select(0, t0_rows), v0.index_select(0, t0_rows)])
-        if self.cuda:
-            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=self.cfg.pinned)
-            host.copy_(data, non_blocking=self.cfg.pinned)
-            torch.cuda.current_stream().synchronize()
-            data = host
-        self.host[layer].index_copy_(0, host_rows, data)
+    # -- copies (hw/copies.py does the moving and the counting) ---------------------------------
+    def _flat(self, layer: int):
+        d = self.m.head_dim
+        return self.k0[layer].view(-1, d), self.v0[layer].view(-1, d)
 
     def compact(self, layer: int, w: StepWork) -> None:
         """Fill the holes demotions and evictions left in T0 with the last resident tokens."""
-        d = self.m.head_dim
         src, dst = w.compact
-        for pool in (self.k0[layer].view(-1, d), self.v0[layer].view(-1, d)):
+        for pool in self._flat(layer):
             pool.index_copy_(0, dst, pool.index_select(0, src))
 
-    def promote(self, layer: int, w: StepWork) -> None:
-        """Copy the last re-tier's promoted tokens of one layer from the host pool into T0."""
-        host_rows, t0_rows = w.promote
-        n, d = len(t0_rows), self.m.head_dim
-        data = self.host[layer].index_select(0, host_rows)
-        if self.cuda:
-            data = data.pin_memory() if self.cfg.pinned else data
-            data = data.to(self.device, non_blocking=self.cfg.pinned)
-        self.k0[layer].view(-1, d).index_copy_(0, t0_rows, data[:n])
-        self.v0[layer].view(-1, d).index_copy_(0, t0_rows, data[n:])
-
-    def stage(self, layer: int, w: StepWork, buf) -> None:
-        """Gather a layer's DDR-tier (and promoted) tokens from the host pool into a staging buffer."""
-        import torch
-
-        rows = w.gather
-        n = len(rows)
-        out = buf[:n]
-        src = self.host[layer]
-        if not self.cfg.pinned:  # the paper's prototype: gather into a new pageable tensor, then copy
-            out.copy_(src.index_select(0, rows))
-        elif not self.cuda:  # host to host: one fused pass
-            torch.index_select(src, 0, rows, out=out)
-        elif self.host_uva:  # the GPU gathers from pinned host memory itself, over the link
-            torch.index_select(self.host_uva[layer], 0, w.gather_dev, out=out)
-        else:  # fallback: gather chunk i+1 on the host while chunk i is on the link
-            done = self._bounce_done
-            for i, start in enumerate(range(0, n, BOUNCE_ROWS)):
-                part = rows[start: start + BOUNCE_ROWS]
-                bounce = self.bounce[i % 2]
-                if done[i % 2] is not None:
-                    done[i % 2].synchronize()
-                torch.index_select(src, 0, part, out=bounce[: len(part)])
-                out[start: start + len(part)].copy_(bounce[: len(part)], non_blocking=True)
-                done[i % 2] = torch.cuda.Event()
-                done[i % 2].record()
-
-    def copy_layer(self, layer: int, w: StepWork, buf) -> None:
-        """The copy engine's work for one layer: demotions out, T0 compaction, promotions in, DDR tier staged."""
+    def copy_layer(self, k: int, layer: int, w: StepWork, buf) -> None:
+        """The copy engine's work for one layer of step k: demotions out, T0 compaction, promotions in, DDR tier
+        staged."""
+        c = self.copier
         if w.d2h is not None:
-            self.demote(layer, w)
+            c.demote(k, *self._flat(layer), self.host[layer], *w.d2h, w.demote_pieces)
         if w.compact is not None:
             self.compact(layer, w)
         if w.promote is not None:
-            self.promote(layer, w)
-        if w.gather is not None:
-            self.stage(layer, w, buf)
+            c.promote(k, *self._flat(layer), self.host[layer], *w.promote, w.promote_pieces)
+        if w.staged_set is not None:
+            c.stage(k, self.host[layer], self.host_uva[layer] if self.host_uva else None, w.staged_set, buf)
 
     # -- compute --------------------------------------------------------------------------------
     def layer(self, layer: int, w: StepWork, x, buf, k: int):
@@ -254,6 +226,7 @@ class Replayer:
         import torch
 
         steps = self.plan.steps if steps is None else steps
+        self.copier.reset(len(steps))
         clock = Clock(self.device)
         L = self.m.layers
         per_layer, all_layers = self.strategy.fetches_per_layer, self.strategy.fetches_before_forward
@@ -273,7 +246,7 @@ class Replayer:
                     x = self._input(int(w.tokens.sum()))
                     if all_layers:
                         t = time.perf_counter()
-                        self._sync_copies(w)
+                        self._sync_copies(k, w)
                         stall[k] = time.perf_counter() - t
                     for layer in range(L):
                         buf = None
@@ -309,23 +282,24 @@ class Replayer:
         if self.cuda:
             stall[:] = np.nan
         return ReplayResult(step_s, step_s - head_s, head_s, stall, self.plan.h2d_bytes[:n], self.plan.d2h_bytes[:n],
-                            None, all(w.uniform for w in steps), wall, self.fetch_path)
+                            None, all(w.uniform for w in steps), wall, self.fetch_path, self.copy_method,
+                            self.copier.counts)
 
-    def _sync_copies(self, w: StepWork) -> None:
+    def _sync_copies(self, k: int, w: StepWork) -> None:
         """prefetch-sync: every layer's demotions and staged copies, then the compute stream waits for them."""
         import torch
 
-        if not w.touches_t0 and w.gather is None:
+        if not w.touches_t0 and w.staged_set is None:
             return
         if self.cuda:
             self.copy_stream.wait_stream(torch.cuda.current_stream())  # T0 and staging no longer in use
             with torch.cuda.stream(self.copy_stream):
                 for layer in range(self.m.layers):
-                    self.copy_layer(layer, w, self.staging[layer])
+                    self.copy_layer(k, layer, w, self.staging[layer])
             torch.cuda.current_stream().wait_stream(self.copy_stream)
         else:
             for layer in range(self.m.layers):
-                self.copy_layer(layer, w, self.staging[layer])
+                self.copy_layer(k, layer, w, self.staging[layer])
 
     def _copy_engine(self, steps: list[StepWork], staged: Progress, computed: Progress) -> None:
         """The copy stream of prefetch-layer: stage layer j once buffer j % (depth+1) is free, `depth` layers ahead."""
@@ -341,7 +315,7 @@ class Replayer:
                         computed.wait(j - nbuf + 1, stream)  # the buffer's last user is done
                         if w.touches_t0:
                             computed.wait(j - L + 1, stream)  # this layer's T0 is no longer in use
-                        self.copy_layer(layer, w, self.staging[j % nbuf])
+                        self.copy_layer(k, layer, w, self.staging[j % nbuf])
                         staged.advance(stream)
         except BaseException as e:  # surface it in the compute thread
             staged.fail(e)

@@ -2,12 +2,17 @@
 
 Every number comes from the HardwareSpec (a profile with a source per value) and the ModelSpec.
 A kernel's time is its roofline, max(bytes / effective HBM bandwidth, FLOPs / effective FLOP rate),
-taken per kernel group (the layer's matmuls, then its attention) plus a per-layer launch cost.
-A copy costs a per-copy latency plus bytes / link bandwidth. DDR-tier tokens lie scattered in host
-memory: from pinned memory the GPU gathers them itself over the link (zero-copy reads of mapped
-host memory, so the link is the only limit: the bound max(0, X/B - T) of DESIGN.md §1); from
-pageable memory they are first gathered on the host into a new buffer (a memcpy: read + write at
-DDR bandwidth), then copied, one after the other: the paper's prototype (index, then `.to(device)`).
+taken per kernel group (the layer's matmuls, then its attention) plus a per-layer launch cost; sizes
+are one GPU's share of the deployment (sim/shard.py: TP-split heads and weights, experts touched at
+this batch, MLA attention in the absorbed form), and under TP each layer adds its two all-reduces
+over NVLink. Two optional profile fields refine the roofline where measured: `attention_efficiency`
+(share of the roofline attention kernels reach; 1.0 when absent) and `step_overhead_us` (sampling and
+scheduling per decode step; 0 when absent).
+A copy moves pieces of DDR-tier KV by a mechanism (sim/copies.py: dma, dma-batched, gather-kernel,
+host-gather, pageable), each with its per-call, per-piece and bandwidth terms; without one it costs a
+per-copy latency plus bytes / link bandwidth (the link-rate bound). The host's work (gathers, host
+attention) runs at this GPU's share of host DDR bandwidth and cores: sockets x per-socket bandwidth
+/ GPUs per host, every GPU of the host offloading at once (profile topology; else `ddr_gbps`).
 Functions are vectorised over decode steps.
 """
 
@@ -17,9 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tiersim.sim.copies import CopyCost, CopyMethod
+from tiersim.sim.shard import GPUShare, gpu_share
 from tiersim.specs import HardwareSpec, ModelSpec
 
 GB = 1e9
+
+
+def _profile_value(hw: HardwareSpec, key: str, default: float) -> float:
+    """An optional profile field (absent or None: `default`, which leaves the roofline as it is)."""
+    value = getattr(hw, key, None)
+    return default if value is None else float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +44,27 @@ class CostModel:
     pinned: bool = True
     fixed_compute_ms: float | None = None  # replaces the roofline: total compute per decode step
     weight_bits: int | None = None  # weights quantized to this many bits (int8/int4); None: the model's dtype
+    share: GPUShare | None = None  # one GPU's share of the deployment; None: the whole model on one GPU
+    copy: CopyMethod | None = None  # how DDR-tier pieces cross the link (sim/copies.py); None: the link-rate bound
+
+    def __post_init__(self) -> None:
+        if self.share is None:
+            object.__setattr__(self, "share", gpu_share(self.model, weight_bits=self.weight_bits))
 
     @property
     def weight_bytes_per_param(self) -> float:
-        """Bytes per weight as stored (the KV keeps the model's dtype)."""
+        """Bytes per weight as stored with a uniform precision (weight_bits, else the model's dtype)."""
         return self.model.dtype_bytes if self.weight_bits is None else self.weight_bits / 8
+
+    @property
+    def attention_efficiency(self) -> float:
+        """Share of the roofline the attention kernels reach (profile `attention_efficiency`; 1.0 when absent)."""
+        return _profile_value(self.hw, "attention_efficiency", 1.0)
+
+    @property
+    def step_overhead_s(self) -> float:
+        """Fixed cost per decode step outside the layers: sampling, scheduling (profile `step_overhead_us`)."""
+        return _profile_value(self.hw, "step_overhead_us", 0.0) * 1e-6
 
     @property
     def hbm_bytes_per_s(self) -> float:
@@ -53,52 +82,90 @@ class CostModel:
         return self.hw.launch_us * 1e-6
 
     def matmul_s(self, tokens: np.ndarray) -> np.ndarray:
-        """One layer's projections and MLP for `tokens` new tokens: weights read once, 2 FLOPs per weight per token."""
-        weights = self.model.layer_params * self.weight_bytes_per_param
-        flops = 2.0 * self.model.layer_params * np.asarray(tokens, dtype=np.float64)
+        """One layer's projections, MLP or experts for `tokens` new tokens on one GPU: the weights the step touches
+        read once (MoE: the experts its tokens reach), 2 FLOPs per active weight per token."""
+        tokens = np.asarray(tokens, dtype=np.float64)
+        weights = self.share.layer_weight_bytes(tokens)
+        flops = self.share.layer_flops_per_token * tokens
         return np.maximum(weights / self.hbm_bytes_per_s, flops / self.flops_per_s)
 
+    def allreduce_s(self, tokens: np.ndarray) -> np.ndarray:
+        """One layer's two TP all-reduces over NVLink (ring: 2(tp-1)/tp of the bytes per GPU, plus a fixed cost
+        each); zero at tp 1."""
+        tp = self.share.tp
+        tokens = np.asarray(tokens, dtype=np.float64)
+        if tp == 1:
+            return np.zeros_like(tokens)
+        nbytes = self.share.allreduce_bytes_per_token_layer * tokens
+        return 2 * self.hw.nvlink_latency_us * 1e-6 + 2 * (tp - 1) / tp * nbytes / (self.hw.nvlink_gbps * GB)
+
     def qkv_share(self) -> float:
-        """Share of a layer's matmul weights in the q, k, v projections (they run before attention)."""
+        """Share of a layer's matmul work in the projections that run before attention (q, k, v; MLA: the query
+        and latent down-projections, q_b and the absorbed key up-projection)."""
         m = self.model
-        qkv = m.hidden * (m.attention_heads + 2 * m.kv_heads) * m.head_dim
-        return qkv / m.layer_params
+        active = (m.active_params - m.param_breakdown["embeddings"] - m.hidden) / m.layers
+        if m.mla is None:
+            return m.hidden * (m.attention_heads + 2 * m.kv_heads) * m.head_dim / active
+        a = m.mla
+        before = m.hidden * ((a.q_lora_rank or 0) + a.latent_width) + (a.q_lora_rank or m.hidden) * m.attention_heads \
+            * m.head_dim + m.attention_heads * a.qk_nope_head_dim * a.kv_lora_rank
+        return before / active
 
     def attention_s(self, kv_bytes: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-        """One layer's attention: read `kv_bytes` of KV; QK^T and AV over `pairs` (query, key) pairs."""
-        m = self.model
-        flops = 4.0 * m.attention_heads * m.head_dim * np.asarray(pairs, dtype=np.float64)
-        return np.maximum(np.asarray(kv_bytes, dtype=np.float64) / self.hbm_bytes_per_s, flops / self.flops_per_s)
+        """One layer's attention on one GPU: read `kv_bytes` of KV; QK^T and AV over `pairs` (query, key) pairs for
+        this GPU's heads (MLA in the absorbed form); at the profile's attention efficiency."""
+        flops = self.model.attention_flops_per_pair * np.asarray(pairs, dtype=np.float64) / self.share.tp
+        roofline = np.maximum(np.asarray(kv_bytes, dtype=np.float64) / self.hbm_bytes_per_s, flops / self.flops_per_s)
+        return roofline / self.attention_efficiency
 
     def head_s(self, tokens: np.ndarray) -> np.ndarray:
-        """The final norm and lm_head over the new tokens."""
-        m = self.model
-        weights = m.vocab * m.hidden * self.weight_bytes_per_param
-        flops = 2.0 * m.vocab * m.hidden * np.asarray(tokens, dtype=np.float64)
-        return np.maximum(weights / self.hbm_bytes_per_s, flops / self.flops_per_s) + self.launch_s
+        """The final norm and lm_head (this GPU's vocabulary slice) over the new tokens, and the per-step overhead."""
+        weights = self.share.head_weight_bytes
+        flops = self.share.head_flops_per_token * np.asarray(tokens, dtype=np.float64)
+        return np.maximum(weights / self.hbm_bytes_per_s, flops / self.flops_per_s) + self.launch_s \
+            + self.step_overhead_s
 
-    def h2d_s(self, nbytes: np.ndarray | float, copies: int = 1, duplex: bool = False) -> np.ndarray:
-        """Host→device copy of `nbytes` in `copies` copies; zero bytes cost nothing."""
-        return self._copy_s(nbytes, copies, self.hw.h2d_gbps(self.pinned), duplex)
+    @property
+    def host_gbps(self) -> float:
+        """This GPU's share of host DDR bandwidth, all GPUs of the host offloading (profile topology, else ddr_gbps)."""
+        return self.hw.host_ddr_gbps_per_gpu()[0]
 
-    def d2h_s(self, nbytes: np.ndarray | float, copies: int = 1, duplex: bool = False) -> np.ndarray:
-        """Device→host copy of `nbytes` in `copies` copies; zero bytes cost nothing."""
-        return self._copy_s(nbytes, copies, self.hw.d2h_gbps(self.pinned), duplex)
+    def h2d_s(self, nbytes: np.ndarray | float, pieces=1, duplex: bool = False, calls=None) -> np.ndarray:
+        """Host→device copy of `nbytes` in `pieces` pieces (`calls` API calls; default one per piece); 0 bytes: 0."""
+        return self._copy_s(nbytes, pieces, calls, self.hw.h2d_gbps(self.pinned), duplex)
 
-    def _copy_s(self, nbytes, copies: int, gbps: float, duplex: bool) -> np.ndarray:
-        nbytes = np.asarray(nbytes, dtype=np.float64)
-        bandwidth = gbps * GB * (self.hw.duplex_factor if duplex else 1.0)
-        return np.where(nbytes > 0, copies * self.hw.copy_latency_us * 1e-6 + nbytes / bandwidth, 0.0)
+    def d2h_s(self, nbytes: np.ndarray | float, pieces=1, duplex: bool = False, calls=None) -> np.ndarray:
+        """Device→host copy of `nbytes` in `pieces` pieces (`calls` API calls; default one per piece); 0 bytes: 0."""
+        return self._copy_s(nbytes, pieces, calls, self.hw.d2h_gbps(self.pinned), duplex)
+
+    def _copy_s(self, nbytes, pieces, calls, gbps: float, duplex: bool) -> np.ndarray:
+        gbps *= self.hw.duplex_factor if duplex else 1.0
+        if self.copy is None:  # no mechanism: one call per piece at the link rate (the link-rate bound)
+            nbytes = np.asarray(nbytes, dtype=np.float64)
+            return np.where(nbytes > 0, np.asarray(pieces) * self.hw.copy_latency_us * 1e-6 + nbytes / (gbps * GB),
+                            0.0)
+        copy = CopyCost(self.copy, self.hw, self.host_gbps)
+        return copy.seconds(nbytes, pieces, pieces if calls is None else calls, gbps)
 
     def gather_s(self, nbytes: np.ndarray | float) -> np.ndarray:
-        """Host memcpy that gathers scattered DDR-tier tokens into one buffer (read + write at DDR bandwidth)."""
-        return 2.0 * np.asarray(nbytes, dtype=np.float64) / (self.hw.ddr_gbps * GB)
+        """Host memcpy that gathers scattered DDR-tier tokens into one buffer (read + write at this GPU's DDR share)."""
+        return 2.0 * np.asarray(nbytes, dtype=np.float64) / (self.host_gbps * GB)
 
-    def fetch_s(self, nbytes: np.ndarray | float, copies: int = 1, duplex: bool = False) -> np.ndarray:
-        """Bring scattered DDR-tier KV to the GPU: over the link alone (pinned), or host gather then copy (pageable)."""
-        copy = self.h2d_s(nbytes, copies, duplex)
-        return copy if self.pinned else self.gather_s(nbytes) + copy
+    def fetch_s(self, nbytes: np.ndarray | float, pieces=1, duplex: bool = False, calls=None) -> np.ndarray:
+        """Bring scattered DDR-tier KV to the GPU by the cost model's mechanism (pageable without one: gather + copy)."""
+        copy = self.h2d_s(nbytes, pieces, duplex, calls)
+        return self.gather_s(nbytes) + copy if self.copy is None and not self.pinned else copy
 
-    def host_attention_s(self, kv_bytes: np.ndarray) -> np.ndarray:
-        """Partial attention on the host over DDR-tier KV: bound by reading it at DDR bandwidth."""
-        return np.asarray(kv_bytes, dtype=np.float64) / (self.hw.ddr_gbps * GB)
+    def host_attention_s(self, kv_bytes: np.ndarray, pairs=0.0) -> np.ndarray:
+        """One layer's partial attention on the host over DDR-tier KV, per step (0 where there is none).
+
+        max(bytes / this GPU's DDR share, FLOPs / (its cores x host_core_gflops)) + one round trip
+        (host_roundtrip_us); the FLOP term needs cores_per_socket and host_core_gflops in the profile.
+        """
+        kv_bytes = np.asarray(kv_bytes, dtype=np.float64)
+        t = kv_bytes / (self.host_gbps * GB)
+        cores = self.hw.host_cores_per_gpu()
+        if cores is not None and self.hw.host_core_gflops is not None:
+            flops = self.model.attention_flops_per_pair * np.asarray(pairs, dtype=np.float64) / self.share.tp
+            t = np.maximum(t, flops / (cores * self.hw.host_core_gflops * 1e9))
+        return np.where(kv_bytes > 0, t + (self.hw.host_roundtrip_us or 0.0) * 1e-6, 0.0)

@@ -14,13 +14,18 @@ the strategy:
   DDR-tier KV in host memory while the GPU attends over HBM; the partial results come back and are
   merged exactly (log-sum-exp) before the rest of the layer.
 
-Demotions decided at the end of a step go out on the D2H stream and free HBM only when done; a
-copy that starts while the other direction is busy runs at the duplex-reduced bandwidth.
+Demotions decided at the end of a step go out on the D2H stream and free HBM only when done.
+
+Work that shares hardware is a fluid: its rate is re-evaluated whenever a copy starts or stops.
+A copy runs at its plain rate, or at its duplex rate while the other direction copies too; compute
+runs at the product of the slow-down factors of the copies running beside it (a gather kernel's
+SMs, every copy's HBM traffic: see sim/plan.py), and the time it loses is the step's interference.
+A copy issued on the compute stream (pageable memory) runs between the layers, never beside them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import simpy
@@ -48,6 +53,14 @@ class StepPlan:
     query_d2h_s: np.ndarray  # cpu-attention, per layer
     host_attention_s: np.ndarray  # cpu-attention, per layer
     partial_h2d_s: np.ndarray  # cpu-attention, per layer
+    # Compute's rate while a copy of this kind runs beside it (1.0: no interference; None: 1.0 every step).
+    h2d_layer_slow: np.ndarray | None = None
+    h2d_bulk_slow: np.ndarray | None = None
+    d2h_bulk_slow: np.ndarray | None = None
+    serial_copies: bool = False  # the copies are issued on the compute stream (they serialise with compute)
+    copy_method: str = ""  # the mechanism the copy durations were charged for (sim/copies.py)
+    h2d_pieces: np.ndarray | None = None  # pieces of the DDR-tier fetch per step, every layer together
+    d2h_pieces: np.ndarray | None = None  # pieces copied device -> host per step
 
     @property
     def steps(self) -> int:
@@ -61,9 +74,11 @@ class StepPlan:
 
     def as_lists(self) -> StepPlan:
         """The same plan with Python lists (SimPy processes index them per event; numpy scalars are slower)."""
-        arrays = {name: getattr(self, name).tolist() for name in self.__dataclass_fields__
-                  if isinstance(getattr(self, name), np.ndarray)}
-        return _ListPlan(self.strategy, self.layers, self.depth, self.qkv_share,
+        arrays = {name: getattr(self, name).tolist() for name in _ListPlan.__dataclass_fields__
+                  if name != "layer_s" and isinstance(getattr(self, name, None), np.ndarray)}
+        for name in ("h2d_layer_slow", "h2d_bulk_slow", "d2h_bulk_slow"):
+            arrays.setdefault(name, [1.0] * self.steps)
+        return _ListPlan(self.strategy, self.layers, self.depth, self.qkv_share, self.serial_copies,
                          layer_s=(self.matmul_s + self.attention_s).tolist(), **arrays)
 
 
@@ -75,6 +90,7 @@ class _ListPlan:
     layers: int
     depth: int
     qkv_share: float
+    serial_copies: bool
     layer_s: list
     matmul_s: list
     attention_s: list
@@ -88,6 +104,9 @@ class _ListPlan:
     query_d2h_s: list
     host_attention_s: list
     partial_h2d_s: list
+    h2d_layer_slow: list
+    h2d_bulk_slow: list
+    d2h_bulk_slow: list
 
     @property
     def steps(self) -> int:
@@ -106,12 +125,13 @@ class Timeline:
     d2h_busy_s: np.ndarray
     host_busy_s: np.ndarray
     d2h_done_s: np.ndarray  # completion time of the demotions decided at the end of each step (nan: none)
+    interference_s: np.ndarray  # compute time lost to copies running beside it (SMs, HBM traffic)
     events: int = 0
 
     @classmethod
     def empty(cls, steps: int) -> Timeline:
         z = lambda: np.zeros(steps)
-        return cls(z(), z(), z(), z(), z(), z(), z(), np.full(steps, np.nan))
+        return cls(z(), z(), z(), z(), z(), z(), z(), np.full(steps, np.nan), z())
 
     @property
     def step_s(self) -> np.ndarray:
@@ -147,92 +167,146 @@ class Progress:
         return event
 
 
-@dataclass(slots=True)
-class Links:
-    """The two copy directions; a copy that starts while the other direction is busy gets the duplex bandwidth."""
+class _Job:
+    """One piece of fluid work: what is left of it (seconds at rate 1), its rate now, since when, and who waits."""
 
-    env: simpy.Environment
-    tl: Timeline
-    h2d_active: int = 0
-    d2h_active: int = 0
-    h2d_free: simpy.Resource = field(init=False)
-    d2h_free: simpy.Resource = field(init=False)
+    __slots__ = ("left", "rate", "since", "rate_of", "process")
 
-    def __post_init__(self) -> None:
-        self.h2d_free = simpy.Resource(self.env, capacity=1)
-        self.d2h_free = simpy.Resource(self.env, capacity=1)
+    def __init__(self, env: simpy.Environment, left: float, rate_of) -> None:
+        self.left, self.rate_of, self.since, self.process = left, rate_of, env.now, env.active_process
+        self.rate = rate_of()
 
-    def h2d(self, step: int, plain_s: float, duplex_s: float):
-        """Copy host→device on the H2D stream (one copy at a time)."""
-        with self.h2d_free.request() as turn:
+
+class Machine:
+    """The shared hardware: the two copy directions (one copy each at a time) and the compute they slow down.
+
+    Every piece of work is a fluid job at a rate that depends on who else is running; whenever a
+    copy starts or stops, each running job whose rate changed is interrupted and re-times what it
+    has left (most jobs see no change and cost one timeout, as a plain `env.timeout` would).
+    """
+
+    def __init__(self, env: simpy.Environment, tl: Timeline, quiet: bool = False) -> None:
+        self.env, self.tl, self.quiet = env, tl, quiet  # quiet: no copy ever runs
+        self.active = {"h2d": 0, "d2h": 0}
+        self.free = {"h2d": simpy.Resource(env, capacity=1), "d2h": simpy.Resource(env, capacity=1)}
+        self.slow: list[float] = []  # compute's rate factor for each copy running now
+        self.jobs: set[_Job] = set()
+
+    def fluid(self, work_s: float, rate_of):
+        """Do `work_s` seconds of work (its time alone) at `rate_of()`, re-timed at every change; returns elapsed."""
+        env, begin = self.env, self.env.now
+        job = _Job(env, work_s, rate_of)
+        self.jobs.add(job)
+        try:
+            while True:
+                try:
+                    yield env.timeout(max(0.0, job.left) / job.rate)
+                    break
+                except simpy.Interrupt:  # re-timed by _change
+                    pass
+        finally:
+            self.jobs.discard(job)
+        return env.now - begin
+
+    def _change(self) -> None:
+        """Someone started or stopped: every running job whose rate changed re-times what it has left."""
+        now = self.env.now
+        for job in self.jobs:
+            rate = job.rate_of()
+            if rate != job.rate:
+                job.left -= (now - job.since) * job.rate
+                job.since, job.rate = now, rate
+                job.process.interrupt()
+
+    def compute(self, k: int, work_s: float):
+        """Compute for `work_s` (its time alone) beside whatever copies run; the time lost is step k's interference."""
+        if self.quiet:  # the plan copies nothing: nothing can slow compute down
+            yield self.env.timeout(work_s)
+            return
+        elapsed = yield from self.fluid(work_s, self.compute_rate)
+        self.tl.interference_s[k] += max(0.0, elapsed - work_s)  # rounding can leave -1e-18 where nothing ran
+
+    def compute_rate(self) -> float:
+        """Compute's speed now: the product of the slow-down factors of the running copies."""
+        rate = 1.0
+        for f in self.slow:
+            rate *= f
+        return rate
+
+    def copy(self, direction: str, step: int, plain_s: float, duplex_s: float, slow: float = 1.0):
+        """Copy in `direction` ("h2d" or "d2h") once that stream is free (one copy at a time)."""
+        with self.free[direction].request() as turn:
             yield turn
-            yield from self.h2d_owned(step, plain_s, duplex_s)
+            yield from self.copy_owned(direction, step, plain_s, duplex_s, slow)
 
-    def h2d_owned(self, step: int, plain_s: float, duplex_s: float):
-        """Copy host→device from the one process that owns the H2D stream (no queueing)."""
-        seconds = duplex_s if self.d2h_active else plain_s
-        self.h2d_active += 1
-        yield self.env.timeout(seconds)
-        self.h2d_active -= 1
-        self.tl.h2d_busy_s[step] += seconds
-
-    def d2h(self, step: int, plain_s: float, duplex_s: float):
-        """Copy device→host on the D2H stream (one copy at a time)."""
-        with self.d2h_free.request() as turn:
-            yield turn
-            seconds = duplex_s if self.h2d_active else plain_s
-            self.d2h_active += 1
-            yield self.env.timeout(seconds)
-            self.d2h_active -= 1
-            self.tl.d2h_busy_s[step] += seconds
+    def copy_owned(self, direction: str, step: int, plain_s: float, duplex_s: float, slow: float = 1.0):
+        """Copy from the one process that owns the stream: at the plain rate, or the duplex rate while the other
+        direction copies too."""
+        other = "d2h" if direction == "h2d" else "h2d"
+        self.active[direction] += 1
+        self.slow.append(slow)
+        self._change()
+        duplex_rate = plain_s / duplex_s if duplex_s > 0 else 1.0
+        elapsed = yield from self.fluid(plain_s, lambda: duplex_rate if self.active[other] else 1.0)
+        self.active[direction] -= 1
+        self.slow.remove(slow)
+        self._change()
+        busy = self.tl.h2d_busy_s if direction == "h2d" else self.tl.d2h_busy_s
+        busy[step] += elapsed
 
 
 # -- the compute stream, one story per strategy ----------------------------------------------------
-def compute_resident(env, plan: StepPlan, tl: Timeline, done: simpy.Store):
-    """`full` and `evict-only`: every layer runs on resident KV."""
+def compute_resident(env, plan: StepPlan, tl: Timeline, gpu: Machine, done: simpy.Store):
+    """`full` and `evict-only`: every layer runs on resident KV (demotions may still copy out beside it)."""
     for k in range(plan.steps):
         tl.start_s[k] = env.now
         for _ in range(plan.layers):
-            yield env.timeout(plan.layer_s[k])
-        yield env.timeout(plan.head_s[k])
+            yield from gpu.compute(k, plan.layer_s[k])
+        yield from gpu.compute(k, plan.head_s[k])
         tl.end_s[k] = env.now
         done.put(k)
 
 
-def compute_prefetch_sync(env, plan: StepPlan, tl: Timeline, links: Links, done: simpy.Store):
+def compute_prefetch_sync(env, plan: StepPlan, tl: Timeline, gpu: Machine, done: simpy.Store):
     """The paper's prototype: copy every layer's DDR tokens back, wait, then run the forward pass."""
     for k in range(plan.steps):
         tl.start_s[k] = env.now
         if plan.h2d_layer_s[k] > 0:
-            yield from links.h2d_owned(k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k])
+            yield from gpu.copy_owned("h2d", k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k])
         tl.stall_s[k] = env.now - tl.start_s[k]
         for _ in range(plan.layers):
-            yield env.timeout(plan.layer_s[k])
-        yield env.timeout(plan.head_s[k])
+            yield from gpu.compute(k, plan.layer_s[k])
+        yield from gpu.compute(k, plan.head_s[k])
         tl.end_s[k] = env.now
         done.put(k)
 
 
-def compute_prefetch_layer(env, plan: StepPlan, tl: Timeline, staged: Progress, computed: Progress,
+def compute_prefetch_layer(env, plan: StepPlan, tl: Timeline, gpu: Machine, staged: Progress, computed: Progress,
                            done: simpy.Store):
-    """Layer l waits until the copy stream has staged its DDR tokens, then computes (freeing that buffer)."""
+    """Layer l waits until its DDR tokens are staged, then computes (freeing that buffer).
+
+    With `serial_copies` the copy is issued on the compute stream itself: it runs right before its layer.
+    """
     layer = 0  # counted over the whole run
     for k in range(plan.steps):
         tl.start_s[k] = env.now
         for _ in range(plan.layers):
-            if staged.count <= layer:
-                waited = env.now
+            waited = env.now
+            if plan.serial_copies:
+                if plan.h2d_layer_s[k] > 0:
+                    yield from gpu.copy_owned("h2d", k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k])
+            elif staged.count <= layer:
                 yield staged.reach(layer + 1)
-                tl.stall_s[k] += env.now - waited
-            yield env.timeout(plan.layer_s[k])
+            tl.stall_s[k] += env.now - waited
+            yield from gpu.compute(k, plan.layer_s[k])
             computed.advance()
             layer += 1
-        yield env.timeout(plan.head_s[k])
+        yield from gpu.compute(k, plan.head_s[k])
         tl.end_s[k] = env.now
         done.put(k)
 
 
-def copy_stream_prefetch(env, plan: StepPlan, links: Links, staged: Progress, computed: Progress):
+def copy_stream_prefetch(env, plan: StepPlan, gpu: Machine, staged: Progress, computed: Progress):
     """The H2D copy stream: stage each layer's DDR tokens `depth` layers ahead, into the strategy's staging buffers."""
     buffers = plan.strategy.staging_buffers(plan.depth, plan.layers)
     layer = 0
@@ -242,53 +316,54 @@ def copy_stream_prefetch(env, plan: StepPlan, links: Links, staged: Progress, co
             if computed.count < layer - buffers + 1:
                 yield computed.reach(layer - buffers + 1)
             if plan.h2d_layer_s[k] > 0:
-                yield from links.h2d_owned(k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k])
+                yield from gpu.copy_owned("h2d", k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k],
+                                          plan.h2d_layer_slow[k])
             staged.advance()
             layer += 1
 
 
-def compute_cpu_attention(env, plan: StepPlan, tl: Timeline, to_host: simpy.Store, from_host: simpy.Store,
-                          done: simpy.Store):
+def compute_cpu_attention(env, plan: StepPlan, tl: Timeline, gpu: Machine, to_host: simpy.Store,
+                          from_host: simpy.Store, done: simpy.Store):
     """Projections, query to the host, GPU attention over HBM, merge the host's partials, MLP."""
     for k in range(plan.steps):
         tl.start_s[k] = env.now
         pre = plan.matmul_s[k] * plan.qkv_share
         for _ in range(plan.layers):
-            yield env.timeout(pre)
+            yield from gpu.compute(k, pre)
             yield to_host.put(k)
-            yield env.timeout(plan.attention_s[k])
+            yield from gpu.compute(k, plan.attention_s[k])
             waited = env.now
             yield from_host.get()
             tl.stall_s[k] += env.now - waited
-            yield env.timeout(plan.matmul_s[k] - pre)
-        yield env.timeout(plan.head_s[k])
+            yield from gpu.compute(k, plan.matmul_s[k] - pre)
+        yield from gpu.compute(k, plan.head_s[k])
         tl.end_s[k] = env.now
         done.put(k)
 
 
-def host_attention(env, plan: StepPlan, tl: Timeline, links: Links, to_host: simpy.Store, from_host: simpy.Store):
+def host_attention(env, plan: StepPlan, tl: Timeline, gpu: Machine, to_host: simpy.Store, from_host: simpy.Store):
     """The host: receive the queries, attend over DDR-tier KV, send partial outputs and log-sum-exps back."""
     while True:
         k = yield to_host.get()
-        yield from links.d2h(k, plan.query_d2h_s[k], plan.query_d2h_s[k])  # a few KB: latency-bound
+        yield from gpu.copy("d2h", k, plan.query_d2h_s[k], plan.query_d2h_s[k])  # a few KB: latency-bound
         yield env.timeout(plan.host_attention_s[k])
         tl.host_busy_s[k] += plan.host_attention_s[k]
-        yield from links.h2d(k, plan.partial_h2d_s[k], plan.partial_h2d_s[k])
+        yield from gpu.copy("h2d", k, plan.partial_h2d_s[k], plan.partial_h2d_s[k])
         yield from_host.put(k)
 
 
-def bulk_copies(env, plan: StepPlan, tl: Timeline, links: Links, done: simpy.Store):
+def bulk_copies(env, plan: StepPlan, tl: Timeline, gpu: Machine, done: simpy.Store):
     """Re-tier traffic: after step k, its demotions go out on D2H (and, for cpu-attention, promotions come in)."""
     while True:
         k = yield done.get()
         if plan.h2d_bulk_s[k] > 0:
-            env.process(links.h2d(k, plan.h2d_bulk_s[k], plan.h2d_bulk_duplex_s[k]))
+            env.process(gpu.copy("h2d", k, plan.h2d_bulk_s[k], plan.h2d_bulk_duplex_s[k], plan.h2d_bulk_slow[k]))
         if plan.d2h_bulk_s[k] > 0:
-            env.process(_demote(env, k, plan, tl, links))
+            env.process(_demote(env, k, plan, tl, gpu))
 
 
-def _demote(env, k: int, plan: StepPlan, tl: Timeline, links: Links):
-    yield from links.d2h(k, plan.d2h_bulk_s[k], plan.d2h_bulk_duplex_s[k])
+def _demote(env, k: int, plan: StepPlan, tl: Timeline, gpu: Machine):
+    yield from gpu.copy("d2h", k, plan.d2h_bulk_s[k], plan.d2h_bulk_duplex_s[k], plan.d2h_bulk_slow[k])
     tl.d2h_done_s[k] = env.now
 
 
@@ -297,22 +372,26 @@ def run(step_plan: StepPlan) -> Timeline:
     plan = step_plan.as_lists()
     env = simpy.Environment()
     tl = Timeline.empty(plan.steps)
-    links = Links(env, tl)
+    p = step_plan
+    quiet = not any(np.any(a > 0) for a in (p.h2d_layer_s, p.h2d_bulk_s, p.d2h_bulk_s, p.query_d2h_s,
+                                             p.partial_h2d_s))
+    gpu = Machine(env, tl, quiet)
     done = simpy.Store(env)
     s = plan.strategy
     if s.fetches_before_forward:
-        main = env.process(compute_prefetch_sync(env, plan, tl, links, done))
+        main = env.process(compute_prefetch_sync(env, plan, tl, gpu, done))
     elif s.fetches_per_layer:
         staged, computed = Progress(env), Progress(env)
-        main = env.process(compute_prefetch_layer(env, plan, tl, staged, computed, done))
-        env.process(copy_stream_prefetch(env, plan, links, staged, computed))
+        main = env.process(compute_prefetch_layer(env, plan, tl, gpu, staged, computed, done))
+        if not plan.serial_copies:
+            env.process(copy_stream_prefetch(env, plan, gpu, staged, computed))
     elif s.host_attends:
         to_host, from_host = simpy.Store(env), simpy.Store(env)
-        main = env.process(compute_cpu_attention(env, plan, tl, to_host, from_host, done))
-        env.process(host_attention(env, plan, tl, links, to_host, from_host))
+        main = env.process(compute_cpu_attention(env, plan, tl, gpu, to_host, from_host, done))
+        env.process(host_attention(env, plan, tl, gpu, to_host, from_host))
     else:  # every attended token is resident
-        main = env.process(compute_resident(env, plan, tl, done))
-    env.process(bulk_copies(env, plan, tl, links, done))
+        main = env.process(compute_resident(env, plan, tl, gpu, done))
+    env.process(bulk_copies(env, plan, tl, gpu, done))
     env.run(until=main)
     env.run()  # let the last demotions drain (they free HBM, they do not delay the steps)
     tl.compute_s[:] = step_plan.layers * step_plan.layer_s + step_plan.head_s

@@ -9,8 +9,9 @@ import numpy as np
 from tiersim.sim.config import SimConfig, compressed_factor
 from tiersim.sim.costs import GB
 from tiersim.sim.engine import Timeline
+from tiersim.sim.shard import window_demand
 from tiersim.strategy import Strategy, get_strategy
-from tiersim.workload.build import Workload
+from tiersim.workload.build import BCOL, Workload, block_totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,23 +23,34 @@ class Memory:
     ddr_bytes: np.ndarray
     staging_bytes: np.ndarray
     inflight_bytes: np.ndarray  # demoted KV still in HBM because its D2H copy has not finished
+    kept_bytes: np.ndarray  # HBM had only eviction freed blocks (every block with a token not evicted held)
 
 
 def account_memory(strategy: str | Strategy, w: Workload, cfg: SimConfig, tl: Timeline, layer_bytes: np.ndarray,
-                   demoted_bytes: np.ndarray) -> Memory:
-    """HBM and DDR occupancy per step: weights, reserve, resident KV, staging buffers, demotions in flight."""
+                   demoted_bytes: np.ndarray, blocks: np.ndarray | None = None) -> Memory:
+    """HBM and DDR occupancy per step: weights, reserve, resident KV blocks, staging buffers, demotions in flight.
+
+    KV lives in blocks of cfg.block_size tokens and a block frees HBM only once none of its tokens is in
+    HBM (`blocks`: workload.build.block_totals, computed when not given). The compressed tier and the
+    DDR tier are counted per token (packed stores); demotions in flight per token too.
+    """
     s = get_strategy(strategy)
-    m, c = cfg.model, w.column
-    fixed = cfg.weight_bytes + cfg.reserve_frac * cfg.hardware.hbm_gb * GB
-    kvt = m.kv_bytes_per_token
+    if blocks is None:
+        blocks = block_totals(w, cfg.block_size)
+    m, c, g = cfg.model, w.column, cfg.share
+    fixed = cfg.weight_bytes + cfg.reserve_frac * cfg.hardware.hbm_gb * GB  # one GPU's weights and reserve
+    kvt = g.kv_bytes_per_token_global  # per GPU; only full-attention layers grow and are tiered
+    window = window_demand(w, g.sliding_window).resident_tokens * g.kv_bytes_per_token_sliding  # never tiered
     zeros = np.zeros(len(w.totals))
+    held = lambda name: blocks[:, BCOL[name]] * cfg.block_size * kvt  # noqa: E731 - bytes of the blocks held
     if not s.applies_policy:
-        return Memory(fixed, fixed + c("tokens") * kvt, zeros, zeros, zeros)
-    resident = (c("hbm") + compressed_factor(cfg.policy, m) * c("compressed")) * kvt
-    if s.prefetches:
-        staging = s.staging_buffers(cfg.depth, m.layers) * layer_bytes
+        full = fixed + held("blocks") + window
+        return Memory(fixed, full, zeros, zeros, zeros, full)
+    resident = held("hbm_blocks") + compressed_factor(cfg.policy, m) * c("compressed") * kvt + window
+    if s.prefetches:  # a staging buffer holds one full-attention layer's copy
+        staging = s.staging_buffers(cfg.depth, g.full_layers) * layer_bytes / g.full_share
     elif s.host_attends:  # each slot's query goes out and its partial output and log-sum-exp come back
-        staging = c("decode") * m.attention_heads * (m.head_dim * m.dtype_bytes + (m.head_dim + 1) * 4)
+        staging = c("decode") * g.attention_heads * (g.query_width * m.dtype_bytes + (g.value_width + 1) * 4)
     else:
         staging = zeros
     inflight = np.zeros(len(zeros) + 1)
@@ -48,7 +60,8 @@ def account_memory(strategy: str | Strategy, w: Workload, cfg: SimConfig, tl: Ti
         inflight[j + 1: max(j + 1, last)] += demoted_bytes[j]
     inflight = inflight[:-1]
     ddr = c("ddr") * kvt if s.keeps_ddr else zeros
-    return Memory(fixed, fixed + resident + staging + inflight, ddr, staging, inflight)
+    return Memory(fixed, fixed + resident + staging + inflight, ddr, staging, inflight,
+                  fixed + held("kept_blocks") + window)
 
 
 def max_batch(memory: Memory, batch: int, capacity_bytes: float) -> int:

@@ -9,20 +9,21 @@ same hardware and batch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from tiersim.sim import engine
 from tiersim.sim.config import SimConfig
+from tiersim.sim.copies import mean_piece_bytes
 from tiersim.sim.costs import GB, CostModel
 from tiersim.sim.engine import StepPlan, Timeline
 from tiersim.sim.memory import Memory, account_memory, max_batch
-from tiersim.sim.plan import bound_s, make_plan
+from tiersim.sim.plan import bound_s, choose_copy, make_plan
 from tiersim.strategy import BASELINE
 from tiersim.traces.format import Trace
-from tiersim.workload.build import Workload
+from tiersim.workload.build import Workload, block_totals
 from tiersim.workload.demand import run_workload
 
 
@@ -39,14 +40,21 @@ class SimResult:
     workload: Workload
 
 
-def simulate(cfg: SimConfig, trace: Trace | None = None, workers: int | None = None) -> SimResult:
+def simulate(cfg: SimConfig, trace: Trace | None = None, workers: int | None = None, *,
+             compare: bool = False) -> SimResult:
     """Run one configuration and its `full` baseline; return summary, per-step table and timelines.
 
     `trace` overrides `cfg.trace` (already read); `workers` processes replay the policy over the
-    trace requests (default: one per core).
+    trace requests (default: one per core). `compare` adds the fair baseline and the verdict
+    (sim/verdict.py: `full` at its largest fitting batch, two cut-short alternatives); studies that
+    simulate many points leave it off.
     """
     wall = time.perf_counter()
     result = simulate_workload(cfg, run_workload(cfg, trace, workers))
+    if compare:
+        from tiersim.sim.verdict import comparison  # verdict.py builds on simulate_workload: imported when used
+
+        result.summary.update(comparison(cfg, result.summary, trace, workers))
     result.summary["sim_wall_s"] = time.perf_counter() - wall
     return result
 
@@ -54,18 +62,22 @@ def simulate(cfg: SimConfig, trace: Trace | None = None, workers: int | None = N
 def simulate_workload(cfg: SimConfig, w: Workload) -> SimResult:
     """Plan, run and account one configuration over a built workload, and its `full` baseline beside it."""
     wall = time.perf_counter()
-    cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms, cfg.weight_bits)
-    plan, layer_bytes, demoted = make_plan(cfg.strategy, w, cost, cfg)
+    cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms, cfg.weight_bits, share=cfg.share)
+    blocks = block_totals(w, cfg.block_size)
+    method, estimates = choose_copy(w, cost, cfg, blocks)
+    cost = replace(cost, copy=method)
+    plan, layer_bytes, demoted = make_plan(cfg.strategy, w, cost, cfg, blocks)
     tl = engine.run(plan)
-    mem = account_memory(cfg.strategy, w, cfg, tl, layer_bytes, demoted)
+    mem = account_memory(cfg.strategy, w, cfg, tl, layer_bytes, demoted, blocks)
     if not plan.strategy.applies_policy:
         plan_full, tl_full, mem_full = plan, tl, mem
     else:
-        plan_full, lb, dm = make_plan(BASELINE, w, cost, cfg)
+        plan_full, lb, dm = make_plan(BASELINE, w, cost, cfg, blocks)
         tl_full = engine.run(plan_full)
-        mem_full = account_memory(BASELINE, w, cfg, tl_full, lb, dm)
+        mem_full = account_memory(BASELINE, w, cfg, tl_full, lb, dm, blocks)
     steps = step_table(w, plan, tl, mem, layer_bytes, demoted)
     summary = summarize(cfg, w, plan, tl, mem, tl_full, mem_full, steps)
+    summary["copy_method_estimates_ms"] = estimates  # auto: each candidate's mean estimated step
     summary["sim_wall_s"] = time.perf_counter() - wall
     summary["sim_events"] = tl.events + (tl_full.events if tl_full is not tl else 0)
     return SimResult(summary, steps, tl, tl_full, mem, mem_full, w)
@@ -76,17 +88,27 @@ def step_table(w: Workload, plan: StepPlan, tl: Timeline, mem: Memory, layer_byt
     c = w.column
     h2d_bytes = plan.layers * layer_bytes if plan.strategy.prefetches else np.zeros(plan.steps)
     transfer = tl.h2d_busy_s + tl.d2h_busy_s
+    zeros = np.zeros(plan.steps)
+    h2d_pieces = zeros if plan.h2d_pieces is None else plan.h2d_pieces
+    d2h_pieces = zeros if plan.d2h_pieces is None else plan.d2h_pieces
+    per_piece = lambda b, n: np.divide(b, n, out=np.zeros(plan.steps), where=n > 0)  # noqa: E731
     return pd.DataFrame({
         "step": np.arange(plan.steps),
         "time_ms": tl.end_s * 1e3,
         "step_ms": tl.step_s * 1e3,
         "compute_ms": tl.compute_s * 1e3,
         "stall_ms": tl.stall_s * 1e3,
+        "interference_ms": tl.interference_s * 1e3,
         "hidden_transfer_ms": np.maximum(0.0, transfer - tl.stall_s) * 1e3,
         "h2d_ms": tl.h2d_busy_s * 1e3,
         "d2h_ms": tl.d2h_busy_s * 1e3,
         "h2d_bytes": h2d_bytes,
         "d2h_bytes": demoted,
+        "copy_method": plan.copy_method,
+        "h2d_pieces": h2d_pieces,
+        "h2d_piece_bytes": per_piece(h2d_bytes, h2d_pieces),
+        "d2h_pieces": d2h_pieces,
+        "d2h_piece_bytes": per_piece(demoted, d2h_pieces),
         "hbm_bytes": mem.hbm_bytes,
         "ddr_bytes": mem.ddr_bytes,
         "staging_bytes": mem.staging_bytes,
@@ -119,6 +141,9 @@ def summarize(cfg: SimConfig, w: Workload, plan: StepPlan, tl: Timeline, mem: Me
         "hbm_peak_gb": peak / GB,
         "hbm_peak_gb_full": peak_full / GB,
         "hbm_saved_gb": (peak_full - peak) / GB,
+        # The saving split: what freeing only the evicted tokens' blocks would give, and what offloading adds to it.
+        "hbm_saved_evict_gb": (peak_full - float(mem.kept_bytes.max())) / GB,
+        "hbm_saved_offload_gb": (float(mem.kept_bytes.max()) - peak) / GB,
         "ddr_peak_gb": float(mem.ddr_bytes.max()) / GB,
         "hbm_capacity_gb": cfg.hardware.hbm_gb,
         "weights_gb": cfg.weight_bytes / GB,
@@ -135,6 +160,14 @@ def summarize(cfg: SimConfig, w: Workload, plan: StepPlan, tl: Timeline, mem: Me
         "transfer_overhead_pct_paper": 100.0 * transfer_s / (transfer_s + compute_s) if transfer_s + compute_s else 0.0,
         "compute_ms_mean": compute_s * 1e3 / plan.steps,
         "stall_ms_mean": float(tl.stall_s.mean() * 1e3),
+        "interference_ms_mean": float(tl.interference_s.mean() * 1e3),
+        "copy_method": plan.copy_method,
+        "h2d_pieces_per_step": float(steps["h2d_pieces"].mean()),
+        "h2d_piece_bytes": mean_piece_bytes(steps["h2d_bytes"], steps["h2d_pieces"]),
+        "d2h_pieces_per_step": float(steps["d2h_pieces"].mean()),
+        "d2h_piece_bytes": mean_piece_bytes(steps["d2h_bytes"], steps["d2h_pieces"]),
+        "host_ddr_gbps_per_gpu": cfg.hardware.host_ddr_gbps_per_gpu()[0],
+        "host_ddr_basis": cfg.hardware.host_ddr_gbps_per_gpu()[1],
         "hidden_transfer_ms_mean": float(steps["hidden_transfer_ms"].mean()),
         "bound_step_ms": float(bound_s(plan).mean() * 1e3),
         "throughput_tok_s": tokens_out / total_s if total_s else 0.0,
@@ -150,8 +183,15 @@ def summarize(cfg: SimConfig, w: Workload, plan: StepPlan, tl: Timeline, mem: Me
         "ddr_tokens_per_slot_step": float(c("ddr").sum() / max(1.0, c("decode").sum())),
         "tokens_captured": w.captured_tokens,
         "tokens_synthetic": w.synthetic_tokens,
+        "trace_model": w.trace_model,
+        "synthetic_share": w.synthetic_tokens / max(1, w.captured_tokens + w.synthetic_tokens),
+        "gpus": cfg.share.gpus,
+        "weights_dtype": cfg.share.weights_label,
         "requests_started": w.requests_started,
         "requests_finished": w.requests_finished,
+        # The profile's measured error band (validate --suite), None for an unvalidated (datasheet) profile.
+        "error_bar_pct": cfg.hardware.error_bar(s.name)[0],
+        "validated_on": cfg.hardware.error_bar(s.name)[1],
         "config": cfg.to_dict(),
     }
 

@@ -59,10 +59,12 @@ class SchedulerConfig:
         check.choice("preemption", self.preemption, PREEMPTION_MODES)
 
 
-def fraction_split(beta: float, evict_ratio: float, recent: int = 128, retier_every: int = 64) -> KVSplit:
+def fraction_split(beta: float, evict_ratio: float, recent: int = 128, retier_every: int = 64,
+                   keeps_ddr: bool = True) -> KVSplit:
     """The target policy's steady state: at each re-tier (every `retier_every` generated tokens) the generated
     tokens older than the `recent` window are split: `evict_ratio` evicted, `beta` of the rest in HBM, the remainder
-    in DDR; the prompt, the recent window and tokens since the last re-tier stay in HBM."""
+    in DDR; the prompt, the recent window and tokens since the last re-tier stay in HBM. Without `keeps_ddr`
+    (evict-only) the DDR tier is dropped: it holds no blocks and is never attended."""
     check.number("beta", beta, 0, 1)
     check.number("evict_ratio", evict_ratio, 0, 1)
 
@@ -71,7 +73,26 @@ def fraction_split(beta: float, evict_ratio: float, recent: int = 128, retier_ev
         tiered = np.maximum(generated // retier_every * retier_every - recent, 0)
         kept = tiered - np.floor(evict_ratio * tiered).astype(np.int64)
         ddr = kept - np.floor(beta * kept).astype(np.int64)
-        return context - tiered + kept - ddr, ddr
+        return context - tiered + kept - ddr, ddr if keeps_ddr else np.zeros_like(ddr)
+
+    return split
+
+
+DEFAULT_CONFIG = SchedulerConfig()
+
+
+def table_split(ddr: np.ndarray, evicted: np.ndarray, assign: np.ndarray, keeps_ddr: bool = True) -> KVSplit:
+    """The replayed policy's own tiers: request i follows schedule `assign[i]`, whose DDR-tier and evicted token counts
+    after g generated tokens are `ddr[k, g]`, `evicted[k, g]` (workload/build's request tables: row g has P + g
+    tokens); past a schedule's last row its last counts hold. The prompt is protected, so the counts carry over to any
+    prompt length; compressed tokens count as HBM tokens (at full size: an upper bound)."""
+    ddr, evicted, assign = (np.asarray(a, dtype=np.int64) for a in (ddr, evicted, assign))
+    last = ddr.shape[1] - 1
+
+    def split(ids: np.ndarray, prompt: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, g = assign[ids], np.minimum(np.maximum(context - prompt, 0), last)
+        d, e = ddr[k, g], evicted[k, g]
+        return context - d - e, d if keeps_ddr else np.zeros_like(d)
 
     return split
 
@@ -119,7 +140,7 @@ class Scheduler:
     """Waiting queue, running batch and KV blocks of one engine; `run` is its SimPy process."""
 
     def __init__(self, env: simpy.Environment, requests: RequestState, blocks: BlockManager, step_time: StepTime,
-                 config: SchedulerConfig = SchedulerConfig(), split: KVSplit | None = None,
+                 config: SchedulerConfig = DEFAULT_CONFIG, split: KVSplit | None = None,
                  extra_s: ExtraTime | None = None, on_finish: Callable[[int], None] | None = None) -> None:
         self.env, self.r, self.blocks, self.step_time, self.config = env, requests, blocks, step_time, config
         self.split, self.extra_s, self.on_finish = split, extra_s, on_finish

@@ -26,7 +26,13 @@ from tiersim.errors import SpecError
 _TEXT_FIELDS = ("name", "description", "link")
 # Optional numeric fields: absent (None) where the machine lacks the part or the host is not known.
 _OPTIONAL_FIELDS = ("nvlink_gbps", "nvlink_latency_us", "gpus_per_host", "sockets", "cores_per_socket",
-                    "ddr_gbps_per_socket")
+                    "ddr_gbps_per_socket", "dma_half_size_kb", "dma_batch_descriptor_us", "gather_kernel_link_frac",
+                    "gather_kernel_sm_share", "host_gather_chunk_mb", "host_core_gflops", "host_roundtrip_us",
+                    "attention_efficiency", "step_overhead_us")
+# Optional fields that are shares: at most 1 (an SM share below 1: compute must keep some SMs).
+_FRACTION_FIELDS = ("gather_kernel_link_frac", "gather_kernel_sm_share", "attention_efficiency")
+# Optional tables of a measured profile: what was fitted, and the measured error of its predictions.
+_TABLE_FIELDS = ("fit", "validation")
 # Optional fields that count things: whole numbers.
 _COUNT_FIELDS = ("gpus_per_host", "sockets", "cores_per_socket")
 
@@ -58,6 +64,19 @@ class HardwareSpec:
     sockets: int | None = None  # CPU sockets of the host
     cores_per_socket: int | None = None  # physical cores per socket
     ddr_gbps_per_socket: float | None = None  # host memory bandwidth of one socket (STREAM-like), GB/s
+    fit: dict | None = None  # [fit] of a calibrated profile: shapes fitted and held out, residuals per field
+    validation: dict | None = None  # [validation]: measured |step error| per strategy / mechanism (validate --suite)
+    # Copy mechanisms (sim/copies.py), each needed only by the mechanism that uses it.
+    dma_half_size_kb: float | None = None  # piece size (KiB) at which one cudaMemcpyAsync reaches half the link rate
+    dma_batch_descriptor_us: float | None = None  # cost per piece (descriptor) of cudaMemcpyBatchAsync
+    gather_kernel_link_frac: float | None = None  # share of the link rate a zero-copy gather kernel reaches
+    gather_kernel_sm_share: float | None = None  # share of the SMs a gather kernel occupies while it copies
+    host_gather_chunk_mb: float | None = None  # pinned bounce chunk (MiB) the CPU fills before each DMA
+    host_core_gflops: float | None = None  # fp32 FLOP rate of one host core on attention (GFLOP/s)
+    host_roundtrip_us: float | None = None  # per-layer GPU -> host -> GPU synchronisation for host attention
+    # Refinements of the compute roofline where measured (sim/costs.py): absent, the roofline stands as it is.
+    attention_efficiency: float | None = None  # share in (0, 1] of the roofline attention kernels reach
+    step_overhead_us: float | None = None  # per decode step outside the layers: sampling, scheduling
     sources: dict[str, str] = field(default_factory=dict)  # numeric field -> where its number comes from
     path: str = ""  # the profile it was loaded from
 
@@ -78,6 +97,11 @@ class HardwareSpec:
                     key in _COUNT_FIELDS and value != int(value)):
                 kind = "a whole number >= 1" if key in _COUNT_FIELDS else "a finite number > 0"
                 raise SpecError(f"{where}: field '{key}' is {value!r}; accepted: {kind}, or absent")
+        for key in _FRACTION_FIELDS:
+            value = getattr(self, key)
+            if value is not None and (value > 1 or (key == "gather_kernel_sm_share" and value >= 1)):
+                raise SpecError(f"{where}: field '{key}' is {value!r}; accepted: a share in (0, 1]"
+                                + (" below 1" if key == "gather_kernel_sm_share" else ""))
         if self.duplex_factor > 1:
             raise SpecError(f"{where}: field 'duplex_factor' is {self.duplex_factor!r}; "
                             "accepted: 0 < duplex_factor <= 1")
@@ -85,6 +109,9 @@ class HardwareSpec:
             if getattr(self, measured) > getattr(self, spec):
                 raise SpecError(f"{where}: field '{measured}' = {getattr(self, measured)} exceeds {spec} = "
                                 f"{getattr(self, spec)}; accepted: effective <= spec")
+        for key in _TABLE_FIELDS:
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), dict):
+                raise SpecError(f"{where}: field '{key}' is {getattr(self, key)!r}; accepted: a table, or absent")
         for key in self.sources:
             if key not in hardware_numeric_fields() + _OPTIONAL_FIELDS:
                 raise SpecError(f"{where}: sources names unknown field '{key}'; "
@@ -100,6 +127,30 @@ class HardwareSpec:
     def d2h_gbps(self, pinned: bool) -> float:
         """Device-to-host bandwidth in GB/s into pinned or pageable host memory."""
         return self.d2h_gbps_pinned if pinned else self.d2h_gbps_pageable
+
+    def host_ddr_gbps_per_gpu(self) -> tuple[float, str]:
+        """This GPU's share of host DDR bandwidth (GB/s), all GPUs of the host offloading at once, and how it was found."""
+        if None not in (self.sockets, self.ddr_gbps_per_socket, self.gpus_per_host):
+            return (self.sockets * self.ddr_gbps_per_socket / self.gpus_per_host,
+                    f"{self.sockets} sockets x {self.ddr_gbps_per_socket:g} GB/s shared by {self.gpus_per_host} GPUs")
+        return self.ddr_gbps, "the profile gives no host topology: ddr_gbps taken as this GPU's whole share"
+
+    def host_cores_per_gpu(self) -> float | None:
+        """Host cores per GPU (all GPUs of the host using theirs), or None when the profile does not say."""
+        if None in (self.sockets, self.cores_per_socket):
+            return None
+        return self.sockets * self.cores_per_socket / (self.gpus_per_host or 1)
+
+    def error_bar(self, strategy: str) -> tuple[float | None, str | None]:
+        """The measured error band of a prediction with this profile: (p90 |step error| %, where and when it was
+        validated), the strategy's own where the suite measured it; (None, None) for an unvalidated profile."""
+        v = self.validation
+        if not v or "p90_abs_pct" not in v:
+            return None, None
+        own = (v.get("by_strategy") or {}).get(strategy)
+        pct = own["p90_abs_pct"] if isinstance(own, dict) and "p90_abs_pct" in own else v["p90_abs_pct"]
+        scope = "" if own else ", all strategies"
+        return float(pct), f"{v.get('machine', 'unknown machine')}, {v.get('date', 'undated')}{scope}"
 
     def to_dict(self) -> dict[str, Any]:
         """Every field with its value, plus sources; HardwareSpec(**d) rebuilds it."""
@@ -117,12 +168,16 @@ class HardwareSpec:
             if (value := getattr(self, key)) is not None:
                 value = int(value) if key in _COUNT_FIELDS else float(value)
                 lines.append(f"{key} = {{ value = {value!r}, source = {json.dumps(self.sources.get(key, 'unknown'))} }}")
+        for key in _TABLE_FIELDS:  # tables last: TOML puts every key after a [table] header into it
+            if getattr(self, key):
+                lines += ["", f"[{key}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in getattr(self, key).items()
+                                             if v is not None]
         return "\n".join(lines) + "\n"
 
 
 def hardware_numeric_fields() -> tuple[str, ...]:
     """Names of the numeric fields every hardware profile gives, each as { value, source }."""
-    skip = _TEXT_FIELDS + _OPTIONAL_FIELDS + ("sources", "path")
+    skip = _TEXT_FIELDS + _OPTIONAL_FIELDS + _TABLE_FIELDS + ("sources", "path")
     return tuple(f.name for f in dataclasses.fields(HardwareSpec) if f.name not in skip)
 
 
@@ -166,7 +221,7 @@ def _parse_profile(text: str, where: str) -> HardwareSpec:
         raise SpecError(f"{where}: invalid TOML ({e}); accepted: a hardware profile .toml") from None
     numeric = hardware_numeric_fields()
     required = _TEXT_FIELDS + numeric
-    accepted = required + _OPTIONAL_FIELDS
+    accepted = required + _OPTIONAL_FIELDS + _TABLE_FIELDS
     for key in data:
         if key not in accepted:
             raise SpecError(f"{where}: unknown field '{key}'; accepted: {', '.join(accepted)}")
@@ -189,7 +244,30 @@ def _parse_profile(text: str, where: str) -> HardwareSpec:
             raise SpecError(f"{where}: field '{key}' has no source; accepted: {form}")
         whole = key in _COUNT_FIELDS and math.isfinite(value) and value == int(value)
         values[key], sources[key] = (int(value) if whole else float(value)), source
-    return HardwareSpec(**{k: data[k] for k in _TEXT_FIELDS}, **values, sources=sources, path=where)
+    for key in _TABLE_FIELDS:
+        if key in data and not isinstance(data[key], dict):
+            raise SpecError(f"{where}: field '{key}' is {data[key]!r}; accepted: a [{key}] table")
+    tables = {k: data[k] for k in _TABLE_FIELDS if k in data}
+    return HardwareSpec(**{k: data[k] for k in _TEXT_FIELDS}, **values, **tables, sources=sources, path=where)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(v: Any) -> str:
+    """A value of a [fit] or [validation] table as TOML: numbers, strings, booleans, arrays and inline tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v) if isinstance(v, int) or math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+    raise SpecError(f"cannot write {v!r} into a profile table; accepted: numbers, strings, booleans, lists, tables")
 
 
 # Device names (as the driver reports them) to the built-in datasheet profile of that GPU.

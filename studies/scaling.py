@@ -11,7 +11,14 @@ The tier shares at the end of the chain come from the policy's schedules (the wo
 the simulation), never from a re-implementation of the policy. The paper's formula (attention heads
 instead of KV heads) is printed beside tiersim's numbers. Weights at other precisions (int4) are
 simulated at that precision (`SimConfig.weight_bits`: fewer weight bytes in HBM and in every
-memory-bound matmul); the KV cache keeps the model's dtype (column `overhead_weights_dtype`).
+memory-bound matmul); the KV cache keeps the model's dtype (column `overhead_weights_dtype`);
+`native` is the checkpoint's own format (fp8 for DeepSeek-R1, mxfp4 experts for gpt-oss).
+
+Every size is per GPU of a tensor-parallel replica (`tps`: 1, 2, 4, 8): KV heads split across the
+GPUs (replicated when fewer KV heads than GPUs), an MLA latent on every GPU, weights split as
+specs/deployment.py says; sliding-window layers hold their window and are never tiered, so only
+full-attention layers' KV is saved or crosses each GPU's own link. The paper's formula, beside it,
+counts attention heads for every layer and splits them over the same GPUs.
 """
 
 from __future__ import annotations
@@ -23,17 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-from tiersim.errors import TiersimError
+from tiersim.errors import ConfigError, TiersimError
 from tiersim.policy import PolicyConfig
 from tiersim.sim.config import DEFAULT_RESERVE_FRAC, SimConfig, compressed_factor
 from tiersim.sim.costs import GB
 from tiersim.sim.run import simulate
+from tiersim.sim.shard import GPUShare, gpu_share
 from tiersim.specs import HardwareSpec, ModelSpec, model_spec
 from tiersim.strategy import STRATEGIES
 from tiersim.workload.build import COL, Workload
 
 SCALING_STRATEGIES = tuple(s.name for s in STRATEGIES.values() if s.applies_policy)  # each against `full`
-WEIGHT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
+WEIGHT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4, "native": None}
 DEFAULT_MODELS = ("r1-qwen-7b", "r1-qwen-14b", "r1-llama-70b")
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
 DEFAULT_CONTEXTS = (2048, 4096, 16384)
@@ -77,6 +85,7 @@ class ScalingConfig:
     pinned: bool = True
     seed: int = 0
     reserve_frac: float = DEFAULT_RESERVE_FRAC
+    tps: tuple[int, ...] = (1,)  # tensor-parallel sizes; every row is one GPU of a replica
 
     def __post_init__(self) -> None:
         for name in ("models", "hardware"):
@@ -85,6 +94,16 @@ class ScalingConfig:
         _check_ints("batches", self.batches, 1)
         _check_ints("contexts", self.contexts, 2)
         _check_ints("steps", (self.steps,), 1)
+        _check_ints("tps", self.tps, 1)
+        for tp in self.tps:
+            for m in self.models:
+                try:
+                    gpu_share(m, tp)
+                except ConfigError as e:
+                    raise TiersimError(f"tps: {e}") from None
+            if tp > 1 and any(h.nvlink_gbps is None or h.nvlink_latency_us is None for h in self.hardware):
+                raise TiersimError(f"tps: tp {tp} needs NVLink and a hardware profile has no nvlink_gbps / "
+                                   "nvlink_latency_us; accepted: tps 1 for such hardware")
         if not self.weights or any(w not in WEIGHT_BITS for w in self.weights):
             raise TiersimError(f"weights {list(self.weights)!r} invalid; accepted: one or more of {', '.join(WEIGHT_BITS)}")
         if not self.strategies or any(s not in SCALING_STRATEGIES for s in self.strategies):
@@ -104,36 +123,51 @@ class Scenario:
     context: int
     weights_dtype: str
     paper: bool = False
+    tp: int = 1
 
     @property
     def weight_bits(self) -> int | None:
-        """Bits per stored weight for the simulator; None at the model's own precision."""
+        """Bits per stored weight for the simulator; None at the checkpoint's own format."""
         bits = WEIGHT_BITS[self.weights_dtype]
-        return None if bits == 8 * self.model.dtype_bytes else bits
+        native = bits is None or (bits == 8 * self.model.dtype_bytes and self.model.quantization is None)
+        return None if native else bits
 
     @property
-    def point(self) -> tuple[str, str, int, int, int | None]:
+    def weights_label(self) -> str:
+        """The weights precision as simulated: the asked dtype, or (native) the checkpoint's format."""
+        if WEIGHT_BITS[self.weights_dtype] is not None:
+            return self.weights_dtype
+        return self.model.quantization or native_dtype(self.model)
+
+    @property
+    def share(self) -> GPUShare:
+        """One GPU's share of the model at this tp and weight precision."""
+        return gpu_share(self.model, self.tp, weight_bits=self.weight_bits)
+
+    @property
+    def point(self) -> tuple[str, str, int, int, int | None, int]:
         """What the simulation depends on."""
-        return self.model.name, self.hardware.name, self.batch, self.context, self.weight_bits
+        return self.model.name, self.hardware.name, self.batch, self.context, self.weight_bits, self.tp
 
 
 def scenarios(cfg: ScalingConfig) -> list[Scenario]:
-    """The grid (models x hardware x contexts x batches x weights) plus the paper's scenarios, each once."""
+    """The grid (models x hardware x tps x contexts x batches x weights) plus the paper's scenarios (tp 1), each once."""
     rows: dict[tuple, Scenario] = {}
     for m in cfg.models:
         for h in cfg.hardware:
-            for ctx in cfg.contexts:
-                for b in cfg.batches:
-                    for w in cfg.weights:
-                        rows[(m.name, h.name, ctx, b, w)] = Scenario(m, h, b, ctx, w)
+            for tp in cfg.tps:
+                for ctx in cfg.contexts:
+                    for b in cfg.batches:
+                        for w in cfg.weights:
+                            rows[(m.name, h.name, tp, ctx, b, w)] = Scenario(m, h, b, ctx, w, tp=tp)
     if cfg.paper:
         for m in (model_spec(n) for n in PAPER_MODELS):
             for h in cfg.hardware:
                 for ctx in PAPER_CONTEXTS:
                     for b in PAPER_BATCHES:
                         for w in PAPER_WEIGHTS:
-                            rows[(m.name, h.name, ctx, b, w)] = Scenario(m, h, b, ctx, w, paper=True)
-    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], k[2], k[3], -WEIGHT_BITS[k[4]]))]
+                            rows[(m.name, h.name, 1, ctx, b, w)] = Scenario(m, h, b, ctx, w, paper=True)
+    return [rows[k] for k in sorted(rows, key=lambda k: (*k[:5], -(WEIGHT_BITS[k[5]] or 0)))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,21 +188,25 @@ class TierShares:
 
 
 def capacity_row(s: Scenario, shares: TierShares, policy: PolicyConfig, reserve_frac: float) -> dict:
-    """The analytic columns of one scenario: every sequence at `context` tokens (GB = 1e9 bytes)."""
-    m, h = s.model, s.hardware
+    """The analytic columns of one scenario on one GPU: every sequence at `context` tokens (GB = 1e9 bytes)."""
+    m, h, g = s.model, s.hardware, s.share
     tokens = s.batch * s.context
-    kv_gb = tokens * m.kv_bytes_per_token / GB
-    kv_paper_gb = tokens * m.kv_bytes_per_token_paper / GB
-    weights_gb = m.weight_bytes_at(WEIGHT_BITS[s.weights_dtype]) / GB
+    # Full-attention layers hold every token and are tiered; sliding ones hold their window, always in HBM.
+    kv_global_gb = tokens * g.kv_bytes_per_token_global / GB
+    kv_gb = kv_global_gb + s.batch * min(s.context, g.sliding_window or 0) * g.kv_bytes_per_token_sliding / GB
+    kv_paper_gb = tokens * m.kv_bytes_per_token_paper / s.tp / GB
+    weights_gb = g.weight_bytes / GB
     reserve_gb = reserve_frac * h.hbm_gb
     off_hbm = shares.ddr + shares.evicted + (1.0 - compressed_factor(policy, m)) * shares.compressed
     need_full = weights_gb + reserve_gb + kv_gb
-    saved_gb = kv_gb * off_hbm
-    ddr_gb = kv_gb * shares.ddr
+    saved_gb = kv_global_gb * off_hbm
+    ddr_gb = kv_global_gb * shares.ddr
     return {
-        "model": m.name, "hardware": h.name, "batch": s.batch, "context": s.context,
-        "weights_dtype": s.weights_dtype, "paper_scenario": s.paper,
-        "kv_heads": m.kv_heads, "attention_heads": m.attention_heads,
+        "model": m.name, "hardware": h.name, "tp": s.tp, "batch": s.batch, "context": s.context,
+        "weights_dtype": s.weights_label,
+        "paper_scenario": s.paper,
+        "kv_heads": m.kv_heads, "attention_heads": m.attention_heads, "kv_heads_per_gpu": 0 if m.mla else
+        max(1, m.kv_heads // s.tp), "kv_bytes_per_token_gpu": g.kv_bytes_per_token_global,
         "kv_gb": kv_gb, "kv_gb_paper_formula": kv_paper_gb, "weights_gb": weights_gb,
         "hbm_gb": h.hbm_gb, "reserve_gb": reserve_gb, "kv_share_hbm": kv_gb / h.hbm_gb,
         "hbm_need_full_gb": need_full, "fits_full": need_full <= h.hbm_gb,
@@ -184,7 +222,7 @@ def simulate_point(cfg: ScalingConfig, s: Scenario) -> tuple[TierShares, dict]:
     """Simulate every strategy at one (model, hardware, batch, context); the tier shares and the overhead columns."""
     base = SimConfig(model=s.model, hardware=s.hardware, policy=cfg.policy, trace=cfg.trace, batch=s.batch,
                      gen_tokens=s.context, steps=cfg.steps, depth=cfg.depth, pinned=cfg.pinned, seed=cfg.seed,
-                     reserve_frac=cfg.reserve_frac, weight_bits=s.weight_bits)
+                     reserve_frac=cfg.reserve_frac, weight_bits=s.weight_bits, tp=s.tp)
     cols, extra, shares = {}, {}, None
     for strategy in cfg.strategies:
         result = simulate(dataclasses.replace(base, strategy=strategy))
@@ -192,7 +230,7 @@ def simulate_point(cfg: ScalingConfig, s: Scenario) -> tuple[TierShares, dict]:
         shares = shares or TierShares.at_end(result.workload)
         cols[f"overhead_pct_{strategy}"] = summary["overhead_pct"]
         extra[f"hbm_saved_gb_sim_{strategy}"] = summary["hbm_saved_gb"]  # steady state, staging buffers included
-    weights = s.weights_dtype if s.weight_bits else native_dtype(s.model)
+    weights = s.weights_label if s.weight_bits else (s.model.quantization or native_dtype(s.model))
     extra |= {"step_ms_full": summary["step_ms_full_mean"], "overhead_weights_dtype": weights,
               "sim_steps": cfg.steps, "sim_gen_tokens": s.context}
     return shares, cols | extra

@@ -258,7 +258,8 @@ class _Trials:
         s = self.summaries[best.batch]
         keeps_all = not get_strategy(self.strategy).applies_policy
         lost = 0.0 if keeps_all else s["attention_mass_evicted"]
-        ddr_gb = s["ddr_tokens_per_slot_step"] * best.batch * self.cfg.model.kv_bytes_per_token / GB
+        # Per GPU, full-attention layers only (sliding-window layers are never tiered).
+        ddr_gb = s["ddr_tokens_per_slot_step"] * best.batch * self.cfg.share.kv_bytes_per_token_global / GB
         return Option(self.strategy, best.batch, estimate, best.throughput_tok_s, best.step_ms_mean, best.step_ms_p99,
                       best.hbm_peak_gb, lost, ddr_gb, trials)
 
@@ -357,12 +358,37 @@ def _why_nothing(a: Advice, cfg: SimConfig) -> str:
     """Why neither full nor a tiered strategy has a batch: no room at all, or the SLO."""
     fitting = [t for o in a.options if not get_strategy(o.strategy).lossy for t in o.trials if t.fits]
     if not fitting or a.slo_ms is None:
-        weights = cfg.model.weight_bytes / GB
-        return (f"no exact option fits any batch: the weights alone take {weights:.1f} GB of the "
-                f"{a.hbm_capacity_gb:g} GB of HBM, with a {100 * cfg.reserve_frac:g}% reserve on top.")
+        weights = cfg.weight_bytes / GB
+        per_gpu = f" per GPU at tp {cfg.tp}" if cfg.tp > 1 else ""
+        return (f"no exact option fits any batch: the weights alone take {weights:.1f} GB{per_gpu} of the "
+                f"{a.hbm_capacity_gb:g} GB of HBM, with a {100 * cfg.reserve_frac:g}% reserve on top."
+                + _deployments_that_fit(cfg))
     fastest = min(fitting, key=lambda t: t.step_ms_p99)
     return (f"no exact option meets the {a.slo_ms:g} ms SLO: the shortest p99 step of a fitting batch is "
             f"{fastest.step_ms_p99:.1f} ms (batch {fastest.batch}).")
+
+
+def _deployments_that_fit(cfg: SimConfig) -> str:
+    """' Weights and reserve leave room for KV at tp 2 or with fp8 weights.' — the nearest deployments that do."""
+    room = (1 - cfg.reserve_frac) * cfg.hardware.hbm_gb * GB
+    hosts = cfg.hardware.gpus_per_host or 1
+    tps = [tp for tp in (2, 4, 8) if cfg.tp < tp <= hosts and cfg.hardware.nvlink_gbps is not None]
+    found = []
+    for tp in tps:
+        try:
+            if dataclasses.replace(cfg, tp=tp).weight_bytes < room:
+                found.append(f"at tp {tp} (--tp {tp})")
+                break
+        except TiersimError:  # tp does not divide this model's heads
+            continue
+    if cfg.weight_bits is None:
+        try:
+            fp8 = dataclasses.replace(cfg, weight_dtype="fp8").weight_bytes
+        except TiersimError:
+            fp8 = cfg.weight_bytes
+        if fp8 < min(room, cfg.weight_bytes):
+            found.append("with fp8 weights (--weight-dtype fp8)")
+    return f" Weights and reserve leave room for KV {' or '.join(found)}." if found else ""
 
 
 def _path(strategy: str, cfg: SimConfig) -> str:

@@ -1,8 +1,19 @@
 """Test-wide settings: a private schedule cache per test session, never the user's; the real model, loaded once."""
 
 import importlib.util
+import os
 
 import pytest
+
+
+def pytest_configure(config):
+    """One torch intra-op thread (TIERSIM_TEST_TORCH_THREADS=N overrides): the real-model tests run small kernels,
+    and with other jobs on the cores OpenMP threads spin against each other (SmolLM2 decode: 8x the CPU time
+    with 2 threads than with 1 on 2 busy cores)."""
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("TIERSIM_TEST_TORCH_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True, scope="session")

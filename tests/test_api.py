@@ -35,7 +35,7 @@ def _flags(fields: dict) -> list[str]:
 
 
 def test_api_with_names_matches_the_cli(trace_path, tmp_path):
-    r = tiersim.simulate(model="r1-qwen-7b", hardware="h200-sxm", trace=trace_path, **SMALL)
+    r = tiersim.simulate(model="r1-qwen-7b", hardware="h200-sxm", trace=trace_path, compare=True, **SMALL)
     assert isinstance(r.steps, pd.DataFrame) and len(r.steps) == 40
     s = r.summary
     assert s["config"]["model"]["name"] == "r1-qwen-7b" and s["config"]["hardware"]["name"] == "h200-sxm"
@@ -84,6 +84,16 @@ def test_api_bad_input_names_the_field_before_any_work(fields, field):
     (["--batch", "0"], "Error: --batch"),
     (["--hbm-ratio", "1.5"], "Error: --hbm-ratio: hbm_ratio must be"),
     (["--model", "gpt-9"], "Error: --model: unknown model 'gpt-9'"),
+    (["--tp", "3"], "Error: --tp: tp must divide the r1-qwen-14b attention heads (40), got 3"),
+    (["--tensor-parallel-size", "2", "--hardware", "rtx5080"], "Error: --tp: tp 2 needs NVLink"),
+    (["--model", "qwen3-30b-a3b", "--ep", "3"], "Error: --ep: ep must divide the deployment's tp x dp = 1 GPUs"),
+    (["--dp", "0"], "Error: --dp: dp must be an integer >= 1"),
+    (["--gpu-memory-utilization", "1.5"], "Error: --gpu-memory-utilization: gpu_memory_utilization must be"),
+    (["--max-model-len", "100"], "Error: --max-model-len: max_model_len 100 is shorter than gen_tokens 4096"),
+    (["--weight-bits", "8", "--quantization", "fp8"], "Error: --weight-dtype"),
+    (["--block-size", "0"], "Error: --block-size: block_size must be an integer >= 1"),
+    (["--copy-method", "dma", "--pageable"], "Error: --copy-method: copy_method 'dma' needs pinned host memory"),
+    (["--eviction", "prototype", "--compressed-ratio", "0.2"], "Error: --compressed-ratio: compressed_ratio must be 0"),
 ])
 def test_cli_errors_name_the_flag_in_one_line(trace_path, tmp_path, args, line):
     result = CliRunner().invoke(cli, ["simulate", "--trace", str(trace_path), "--out", str(tmp_path / "o"), *args])
@@ -164,3 +174,95 @@ def test_cache_info_and_clear(tmp_path, monkeypatch, trace_path):
     r = CliRunner().invoke(cli, ["cache", "clear"])
     assert r.exit_code == 0 and f"removed {info['entries']} entries" in r.output, r.output
     assert json.loads(CliRunner().invoke(cli, ["cache", "info", "--json", "-"]).output)["entries"] == 0
+
+
+NEW_FLAGS = {"model": "qwen3-30b-a3b", "tp": 2, "dp": 2, "ep": 4, "kv_dtype": "fp8", "weight_dtype": "fp8",
+             "gpu_memory_utilization": 0.8, "max_model_len": 4096, "block_size": 32, "kv_layout": "cross-layer",
+             "copy_method": "dma"}
+
+
+def _summary(path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in WALL}
+
+
+def test_every_new_simulate_flag_reaches_the_config(trace_path, tmp_path):
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(cli, ["simulate", "--trace", str(trace_path), *_flags(SMALL), *_flags(NEW_FLAGS),
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    s = json.loads(out.read_text())
+    c = s["config"]
+    assert {k: c[k] for k in ("tp", "dp", "ep", "kv_dtype", "weight_dtype", "gpu_memory_utilization", "max_model_len",
+                              "block_size", "kv_layout", "copy_method")} == {k: v for k, v in NEW_FLAGS.items()
+                                                                             if k != "model"}
+    assert c["model"]["name"] == "qwen3-30b-a3b"
+    assert c["reserve_frac"] == pytest.approx(0.2)  # --gpu-memory-utilization 0.8 replaces --reserve-frac
+    assert c["policy"]["page_size"] == 32  # the tiering unit defaults to the block
+    assert s["copy_method"] == "dma" and s["copy_method_estimates_ms"] == {}  # asked for by name: no auto choice
+    assert s["h2d_piece_bytes"] > 0 and s["h2d_pieces_per_step"] > 0
+
+
+def test_vllm_spellings_and_the_api_give_identical_results(trace_path, tmp_path):
+    ours, vllm = tmp_path / "ours.json", tmp_path / "vllm.json"
+    base = ["simulate", "--trace", str(trace_path), "--model", "qwen3-30b-a3b", *_flags(SMALL)]
+    r = CliRunner().invoke(cli, [*base, "--tp", "2", "--dp", "2", "--ep", "4", "--kv-dtype", "fp8", "--weight-dtype",
+                                 "fp8", "--gpu-memory-utilization", "0.85", "--max-model-len", "2048", "--json", str(ours)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, [*base, "--tensor-parallel-size", "2", "--data-parallel-size", "2",
+                                 "--enable-expert-parallel", "--kv-cache-dtype", "fp8_e4m3", "--quantization", "fp8",
+                                 "--gpu-memory-utilization", "0.85", "--max-model-len", "2048", "--json", str(vllm)])
+    assert r.exit_code == 0, r.output
+    assert _summary(ours) == _summary(vllm)
+    api = tiersim.simulate(model="qwen3-30b-a3b", trace=trace_path, tp=2, dp=2, ep="all", kv_dtype="fp8",
+                           weight_dtype="fp8", gpu_memory_utilization=0.85, max_model_len=2048, compare=True,
+                           **SMALL).summary
+    assert json.loads(json.dumps({k: v for k, v in api.items() if k not in WALL})) == _summary(ours)
+    assert api["config"]["ep"] == 4
+
+
+def test_vllm_auto_dtype_is_unset_and_expert_parallel_leaves_a_dense_model_alone(trace_path, tmp_path):
+    plain, auto = tmp_path / "plain.json", tmp_path / "auto.json"
+    base = ["simulate", "--trace", str(trace_path), "--model", "r1-qwen-7b", *_flags(SMALL)]
+    assert CliRunner().invoke(cli, [*base, "--json", str(plain)]).exit_code == 0
+    r = CliRunner().invoke(cli, [*base, "--kv-cache-dtype", "auto", "--enable-expert-parallel", "--json", str(auto)])
+    assert r.exit_code == 0, r.output
+    assert _summary(plain) == _summary(auto)
+    assert _summary(auto)["config"]["kv_dtype"] is None and _summary(auto)["config"]["ep"] == 1
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--kv-dtype", "int3"], "'--kv-dtype'"),
+    (["--quantization", "awq4"], "'--weight-dtype'"),
+    (["--copy-method", "teleport"], "'--copy-method'"),
+    (["--kv-layout", "diagonal"], "'--kv-layout'"),
+    (["--ep", "many"], "'--ep'"),
+    (["--eviction", "random"], "'--eviction'"),
+])
+def test_a_value_outside_the_choices_names_the_flag(args, flag):
+    result = CliRunner().invoke(cli, ["simulate", *args])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith(f"Error: Invalid value for {flag}"), result.output
+
+
+def test_advise_takes_the_deployment_and_copy_flags():
+    help_text = CliRunner().invoke(cli, ["advise", "--help"]).output
+    for flag in ("--tp", "--ep", "--dp", "--kv-dtype", "--weight-dtype", "--gpu-memory-utilization", "--max-model-len",
+                 "--block-size", "--kv-layout", "--copy-method"):
+        assert f"{flag} " in help_text, flag
+    assert "--tp INTEGER" in help_text  # vLLM's spellings are accepted and named in the help, not listed as flags
+    result = CliRunner().invoke(cli, ["advise", "--tensor-parallel-size", "3"])
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert result.exit_code == 1 and lines == ["Error: --tp: tp must divide the r1-qwen-14b attention heads (40), got 3"]
+
+
+def test_api_reproduce_prototype_has_the_library_defaults():
+    import inspect
+
+    from tiersim.studies import prototype
+
+    ours, theirs = (inspect.signature(f).parameters for f in (tiersim.api.reproduce_prototype,
+                                                             prototype.reproduce_prototype))
+    assert {k: p.default for k, p in ours.items()} == {k: p.default for k, p in theirs.items()}
+    with pytest.raises(ConfigError) as e:
+        tiersim.api.reproduce_prototype(requests=0)
+    assert e.value.field == "requests"

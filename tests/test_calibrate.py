@@ -18,7 +18,7 @@ from tiersim.calibration.fit import (
 )
 from tiersim.cli import cli
 from tiersim.errors import TiersimError
-from tiersim.hw import microbench
+from tiersim.hw import microbench, timing
 from tiersim.specs import ModelSpec, hardware_spec
 
 TINY = ModelSpec("tiny-cal", layers=2, attention_heads=4, kv_heads=2, head_dim=32, hidden=128, intermediate=256,
@@ -28,9 +28,10 @@ TINY = ModelSpec("tiny-cal", layers=2, attention_heads=4, kv_heads=2, head_dim=3
 def test_time_op_takes_the_median_of_groups_of_inner_calls(monkeypatch):
     clock = iter([0.0, 1.0] + [0.0, 0.3, 0.3, 0.5, 0.5, 0.6, 0.6, 1.0, 1.0, 1.1])  # once, then 5 groups
     monkeypatch.setattr(microbench.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(timing, "_one_thread", lambda: False)  # the fake clock is the only one: no CPU-time check
     calls = []
     t = microbench.time_op(lambda: calls.append(1), microbench.resolve_device("cpu"), warmup=1, repeats=5, inner=None,
-                           min_repeat_s=0.5)
+                           min_repeat_s=0.5, cv_limit=None, pin=False)
     # One timed call of 1.0 s > 0.5 s: one call per group; groups took 0.3, 0.2, 0.1, 0.4, 0.1 s.
     assert t.inner == 1 and t.repeats == 5 and len(calls) == 1 + 1 + 5
     assert t.median_s == pytest.approx(0.2) and t.min_s == pytest.approx(0.1) and t.max_s == pytest.approx(0.4)
@@ -166,7 +167,12 @@ def test_cli_calibrate_cpu_quick_writes_a_loadable_measured_profile(tmp_path):
     sizes = [c["bytes"] for c in raw["copies"]["h2d_pinned"]]
     assert sizes[0] == 4096 and sizes[-1] == 256 << 20  # 4 KiB .. 256 MiB
     assert set(raw["copies"]) == {"h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"}
-    assert raw["device"]["kind"] == "cpu" and raw["fits"]["compute"]["points"] == len(raw["layers"]) + len(raw["head"])
+    # Every whole-layer and lm_head timing of every fitted shape (the model's first) is fitted or dropped as flagged.
+    fitted = [s for s in raw["shapes"] if s["role"] == "fitted"]
+    assert fitted[0]["layers"] == raw["layers"] and fitted[0]["head"] == raw["head"]
+    c = raw["fits"]["compute"]
+    assert raw["device"]["kind"] == "cpu" and c["points"] + c["dropped"] == sum(len(s["layers"]) + len(s["head"])
+                                                                             for s in fitted)
     assert all(g["gemm"] in ("qkv", "o", "gate_up", "down", "lm_head") and g["median_s"] > 0 for g in raw["gemm"])
     assert {a["kv_tokens"] for a in raw["attention"]} == {2 * 128 + 64, 16 * 128 + 64}
     assert all(p_["p10_s"] <= p_["median_s"] <= p_["p90_s"] for p_ in raw["layers"])

@@ -4,10 +4,14 @@ Both plans use the same numbers (seconds; binary fractions, so the sums are exac
   one layer's compute 1.0 (matmuls 0.75 + attention 0.25), lm_head 0.5: 2 x 1.0 + 0.5 = 2.5 per step;
   H2D of the DDR tier per step 2.0, 1.5, 0.25 (twice as long, 4.0, 3.0, 0.5, if D2H is busy when it starts);
   D2H of the demotions decided at the end of step 0: 3.0 (6.0 if H2D is busy when it starts).
-A copy's speed is fixed when it starts. Events due at the same instant run in the order they were scheduled.
+A copy's speed is re-evaluated whenever the other direction starts or stops (a fluid: what it has left
+runs at the new rate). Events due at the same instant run in the order they were scheduled. No copy
+slows compute unless a test says so (interference factors 1.0).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -42,26 +46,30 @@ def test_prefetch_layer_timeline_by_hand():
     # 4     layer 1 runs 4 -> 5 (stall +1 = 3)                L2 (step 1) 1.5 plain -> 5.5
     # 5     head 5 -> 5.5
     # 5.5   (the copy's timeout was scheduled at t=4, before the head's at t=5, so it is handled first)
-    #                                                         L3 (step 1) 1.5 plain -> 7 (D2H not yet started)
+    #                                                         L3 (step 1) 1.5 starts plain
     #       step 0 ends at 5.5; step 1 starts; layer 2 is staged, runs 5.5 -> 6.5
-    #                                                                                 demotions of step 0 start with
-    #                                                                                 H2D busy: duplex 6.0 -> 11.5
+    #                                                         D2H starts: L3 drops to half    demotions of step 0
+    #                                                         speed, 1.5 left -> 8.5          start at half speed
     # 6.5   layer 3 waits for its copy
-    # 7     layer 3 runs 7 -> 8 (stall 0.5)                   L4 (step 2) 0.25, D2H busy: 0.5 -> 7.5
-    # 7.5                                                     L5 waits for buffer: layer 3 computed (at 8)
-    # 8     head 8 -> 8.5                                     L5 (step 2) D2H busy: 0.5 -> 8.5
-    # 8.5   step 1 ends; step 2 starts; layers 4, 5 staged: 8.5 -> 10.5; head -> 11
-    # 11.5                                                                            demotions done
+    # 8.5   layer 3 runs 8.5 -> 9.5 (stall 2)                 L3 done; L4 (step 2) 0.25 at    1.5 of 3.0 done
+    #                                                         half speed -> 9
+    # 9                                                       L5 waits for buffer: layer 3    alone: 1.25 left at
+    #                                                         computed (at 9.5)               full speed
+    # 9.5   head 9.5 -> 10                                    L5 (step 2) at half -> 10       0.75 left, half speed
+    # 10    step 1 ends (the head's timeout was scheduled     L5 done                         0.5 left, full -> 10.5
+    #       first); step 2: layers 4, 5 staged: 10 -> 12; head -> 12.5
+    # 10.5                                                                                   demotions done
     tl = engine.run(plan("prefetch-layer"))
-    np.testing.assert_array_equal(tl.start_s, [0.0, 5.5, 8.5])
-    np.testing.assert_array_equal(tl.end_s, [5.5, 8.5, 11.0])
-    np.testing.assert_array_equal(tl.step_s, [5.5, 3.0, 2.5])
-    np.testing.assert_array_equal(tl.stall_s, [3.0, 0.5, 0.0])
+    np.testing.assert_array_equal(tl.start_s, [0.0, 5.5, 10.0])
+    np.testing.assert_array_equal(tl.end_s, [5.5, 10.0, 12.5])
+    np.testing.assert_array_equal(tl.step_s, [5.5, 4.5, 2.5])
+    np.testing.assert_array_equal(tl.stall_s, [3.0, 2.0, 0.0])
     np.testing.assert_array_equal(tl.compute_s, [2.5, 2.5, 2.5])
-    np.testing.assert_array_equal(tl.h2d_busy_s, [2.0 + 2.0, 1.5 + 1.5, 0.5 + 0.5])
-    np.testing.assert_array_equal(tl.d2h_busy_s, [6.0, 0.0, 0.0])
-    np.testing.assert_array_equal(tl.d2h_done_s, [11.5, NAN, NAN])
+    np.testing.assert_array_equal(tl.h2d_busy_s, [2.0 + 2.0, 1.5 + 3.0, 0.5 + 0.5])
+    np.testing.assert_array_equal(tl.d2h_busy_s, [5.0, 0.0, 0.0])
+    np.testing.assert_array_equal(tl.d2h_done_s, [10.5, NAN, NAN])
     np.testing.assert_array_equal(tl.host_busy_s, [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(tl.interference_s, [0.0, 0.0, 0.0])
     # The analytic bound, max(compute, layers x copy, demotions) = max(2.5, 2 x 2.0, 3.0) = 4, then 3 and 2.5,
     # stays below every step (step 0 also waits for its first copy before anything overlaps).
     np.testing.assert_array_equal(bound_s(plan("prefetch-layer")), [4.0, 3.0, 2.5])
@@ -71,22 +79,53 @@ def test_prefetch_sync_timeline_by_hand():
     # Every layer's copy (one transfer of 2.0, 1.5, 0.25) runs before the forward pass, on the compute's critical path.
     # t     compute stream                                                           D2H
     # 0     step 0: copy 2.0 plain -> 2 (stall 2); layers 2 -> 4; head -> 4.5
-    # 4.5   step 0 ends; step 1: copy 1.5 plain (the demotion has not started) -> 6  demotions start with H2D
-    #                                                                                busy: duplex 6.0 -> 10.5
-    # 6     stall 1.5; layers 6 -> 8; head -> 8.5
-    # 8.5   step 1 ends; step 2: copy 0.25 with D2H busy: duplex 0.5 -> 9 (stall 0.5); layers -> 11; head -> 11.5
-    # 10.5                                                                           demotions done
+    # 4.5   step 0 ends; step 1: copy 1.5 starts, then the demotions: both at half    demotions start at half speed
+    #       speed, the copy -> 7.5
+    # 7.5   stall 3; layers 7.5 -> 9.5; head -> 10                                   1.5 done; alone: 1.5 -> 9
+    # 9                                                                              demotions done
+    # 10    step 1 ends; step 2: copy 0.25 plain -> 10.25 (stall 0.25); layers -> 12.25; head -> 12.75
     tl = engine.run(plan("prefetch-sync"))
-    np.testing.assert_array_equal(tl.start_s, [0.0, 4.5, 8.5])
-    np.testing.assert_array_equal(tl.end_s, [4.5, 8.5, 11.5])
-    np.testing.assert_array_equal(tl.step_s, [4.5, 4.0, 3.0])
-    np.testing.assert_array_equal(tl.stall_s, [2.0, 1.5, 0.5])
+    np.testing.assert_array_equal(tl.start_s, [0.0, 4.5, 10.0])
+    np.testing.assert_array_equal(tl.end_s, [4.5, 10.0, 12.75])
+    np.testing.assert_array_equal(tl.step_s, [4.5, 5.5, 2.75])
+    np.testing.assert_array_equal(tl.stall_s, [2.0, 3.0, 0.25])
     np.testing.assert_array_equal(tl.compute_s, [2.5, 2.5, 2.5])
-    np.testing.assert_array_equal(tl.h2d_busy_s, [2.0, 1.5, 0.5])
-    np.testing.assert_array_equal(tl.d2h_busy_s, [6.0, 0.0, 0.0])
-    np.testing.assert_array_equal(tl.d2h_done_s, [10.5, NAN, NAN])
-    # The bound is compute + copy at full bandwidth: step 2 took 0.25 longer because its copy ran duplex.
+    np.testing.assert_array_equal(tl.h2d_busy_s, [2.0, 3.0, 0.25])
+    np.testing.assert_array_equal(tl.d2h_busy_s, [4.5, 0.0, 0.0])
+    np.testing.assert_array_equal(tl.d2h_done_s, [9.0, NAN, NAN])
+    # The bound is compute + copy at full bandwidth: step 1 took 1.5 longer because its copy ran duplex.
     np.testing.assert_array_equal(bound_s(plan("prefetch-sync")), [4.5, 4.0, 2.75])
+
+
+def test_copies_on_the_compute_stream_serialise():
+    # Pageable copies are issued on the compute stream: each layer's copy runs right before it, never beside compute.
+    # t     compute stream                                                           D2H
+    # 0     copy 2.0 -> 2; layer -> 3; copy 2.0 -> 5; layer -> 6; head -> 6.5 (stall 4)
+    # 6.5   step 1: copy L2 1.5 starts, then the demotions: both at half speed        demotions start at half speed
+    # 9.5   L2 done (stall 3); layer 9.5 -> 10.5                                      1.5 done; alone: 1.5 left
+    # 10.5  copy L3 1.5 at half speed (D2H busy)                                     0.5 left at half speed -> 11.5
+    # 11.5  L3: 0.5 done, 1.0 left alone -> 12.5 (stall +2); layer -> 13.5; head -> 14
+    # 14    step 2: copy 0.25 -> 14.25; layer -> 15.25; copy -> 15.5; layer -> 16.5; head -> 17
+    tl = engine.run(dataclasses.replace(plan("prefetch-layer"), serial_copies=True))
+    np.testing.assert_array_equal(tl.start_s, [0.0, 6.5, 14.0])
+    np.testing.assert_array_equal(tl.end_s, [6.5, 14.0, 17.0])
+    np.testing.assert_array_equal(tl.stall_s, [4.0, 5.0, 0.5])
+    np.testing.assert_array_equal(tl.h2d_busy_s, [4.0, 5.0, 0.5])
+    np.testing.assert_array_equal(tl.d2h_busy_s, [5.0, 0.0, 0.0])
+    np.testing.assert_array_equal(tl.d2h_done_s, [11.5, NAN, NAN])
+    # Each step is its compute plus its copies, nothing hidden.
+    np.testing.assert_array_equal(tl.step_s, tl.compute_s + tl.stall_s)
+
+
+def test_a_copy_beside_compute_slows_it_down():
+    # The demotions of step 0 (3.0, 2.5 -> 5.5) halve compute's speed while they run (a gather kernel's SMs, or
+    # HBM traffic): step 1's first layer takes 2.0 (2.5 -> 4.5); its second does 0.5 of its work by 5.5, the other
+    # 0.5 alone (-> 6.0); head -> 6.5. Step 1 lost 1.5 to interference; steps 0 and 2 ran alone.
+    tl = engine.run(dataclasses.replace(plan("full"), d2h_bulk_slow=np.array([0.5, 1.0, 1.0])))
+    np.testing.assert_array_equal(tl.end_s, [2.5, 6.5, 9.0])
+    np.testing.assert_array_equal(tl.interference_s, [0.0, 1.5, 0.0])
+    np.testing.assert_array_equal(tl.d2h_done_s, [5.5, NAN, NAN])
+    np.testing.assert_array_equal(tl.step_s, tl.compute_s + tl.stall_s + tl.interference_s)
 
 
 def test_resident_strategies_never_wait():

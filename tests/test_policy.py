@@ -16,6 +16,7 @@ from tiersim.policy import (
     DDR,
     EVICTED,
     HBM,
+    PROTOTYPE_MIN_CANDIDATES,
     PolicyConfig,
     TieringPolicy,
     candidate_pages,
@@ -132,8 +133,13 @@ def test_compound_mode_reproduces_the_authors_figure(ratio, evicted_share):
 
 
 # -- properties --------------------------------------------------------------------------------
-configs = st.builds(
-    PolicyConfig,
+def _config(kwargs: dict) -> PolicyConfig:
+    if kwargs["eviction"] == "prototype":  # the prototype has no compressed tier
+        kwargs = {**kwargs, "compressed_ratio": 0.0}
+    return PolicyConfig(**kwargs)
+
+
+configs = st.fixed_dictionaries(dict(
     hbm_ratio=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0]) | st.floats(0, 1),
     evict_ratio=st.sampled_from([0.0, 0.03, 0.1, 0.5]) | st.floats(0, 1),
     sinks=st.integers(0, 6),
@@ -141,9 +147,27 @@ configs = st.builds(
     interval=st.integers(1, 12),
     compressed_ratio=st.sampled_from([0.0, 0.0, 0.5]) | st.floats(0, 1),
     page_size=st.sampled_from([1, 1, 2, 4, 16]),
-    eviction=st.sampled_from(["target", "compound"]),
+    eviction=st.sampled_from(["target", "compound", "prototype"]),
     sticky=st.booleans(),
-)
+)).map(_config)
+
+
+def _check_prototype_round(cfg: PolicyConfig, old: np.ndarray, new: np.ndarray, scores: np.ndarray) -> None:
+    """One manage_cache round over candidate units: only HBM residents move, in the stated numbers, by score."""
+    resident = old == HBM
+    n = int(resident.sum())
+    assert n >= PROTOTYPE_MIN_CANDIDATES
+    # DDR and evicted units are never touched: no eviction from DDR, no promotion.
+    assert np.array_equal(new[~resident], old[~resident])
+    moved = new[resident]
+    n_evict = math.floor(cfg.evict_ratio * n)
+    assert int(np.sum(moved == EVICTED)) == n_evict
+    assert int(np.sum(moved == HBM)) == min(math.floor(cfg.hbm_ratio * n), n - n_evict)
+    assert not np.any(moved == COMPRESSED)
+    s = scores[resident]
+    for low, high in ((EVICTED, DDR), (DDR, HBM), (EVICTED, HBM)):
+        if np.any(moved == low) and np.any(moved == high):
+            assert s[moved == low].max() <= s[moved == high].min()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -177,14 +201,23 @@ def test_invariants_online_and_offline(cfg, seed, prompt, steps):
         first, stop = candidate_pages(cfg, prompt, length)
         pages = tiers[first * n: stop * n].reshape(-1, n)
         assert np.all(pages == pages[:, :1])
+        page_scores = policy.scores[first * n: stop * n].reshape(-1, n).sum(axis=1)
+        old_units = np.asarray(seen, dtype=np.int8)[first * n: stop * n].reshape(-1, n)[:, 0]
+        due = (t + 1) % cfg.interval == 0 and t + 1 > cfg.sinks + cfg.window
         if not changes.retiered:
             assert len(changes) == 0
+            if due:  # only the prototype skips a due round, and only with too few HBM-resident candidates
+                assert cfg.eviction == "prototype" and np.sum(old_units == HBM) < PROTOTYPE_MIN_CANDIDATES
             continue
+        assert due
         assert schedule.retier_steps[k] == t
         m = schedule.moves(k)
         assert m.positions.tolist() == changes.positions.tolist()
         assert np.array_equal(schedule.tiers_after(k), tiers)
         k += 1
+        if cfg.eviction == "prototype":
+            _check_prototype_round(cfg, old_units, pages[:, 0], page_scores)
+            continue
         # Tier sizes match the ratios, exactly up to flooring, counted in units (tokens or pages).
         units = pages[:, 0]
         c = len(units)
@@ -203,7 +236,6 @@ def test_invariants_online_and_offline(cfg, seed, prompt, steps):
             compressed = int(np.sum(units == COMPRESSED))
             assert abs(compressed - cfg.compressed_ratio * (c - evicted - hbm)) < 1
             # HBM holds the highest-scored survivors.
-            page_scores = policy.scores[first * n: stop * n].reshape(-1, n).sum(axis=1)
             if 0 < hbm < c - evicted:
                 assert page_scores[units == HBM].min() >= page_scores[(units == DDR) | (units == COMPRESSED)].max()
     assert k == schedule.retiers
@@ -234,6 +266,7 @@ def test_eviction_does_not_depend_on_hbm_ratio(seed, evict):
         ({"window": -1}, "window"),
         ({"eviction": "lru"}, "eviction"),
         ({"compressed_bits": 3}, "compressed_bits"),
+        ({"eviction": "prototype", "compressed_ratio": 0.5}, "compressed_ratio"),
     ],
 )
 def test_bad_config_is_refused(kwargs, needle):

@@ -89,6 +89,58 @@ def test_compressed_tokens_count_at_their_compressed_size():
     assert r["kv_off_hbm_share"] == pytest.approx(0.5 * (1 - (0.5 + 2 / 256)), rel=1e-12)
 
 
+def tp_row(model: str, tp: int, batch: int = 8, context: int = 4096, weights: str = "native") -> dict:
+    return capacity_row(Scenario(model_spec(model), H200, batch, context, weights, tp=tp), SHARES, PolicyConfig(), 0.10)
+
+
+# -- MoE, MLA, sliding windows at TP 1/2/4/8 -----------------------------------------------------------
+def test_per_gpu_kv_follows_the_kv_heads_across_tp():
+    tokens = 8 * 4096
+    llama = {tp: tp_row("r1-llama-70b", tp) for tp in (1, 2, 4, 8)}
+    for tp, r in llama.items():  # 8 KV heads: split evenly up to tp 8
+        assert r["kv_gb"] == pytest.approx(tokens * 327_680 / tp / 1e9, rel=1e-12) and r["tp"] == tp
+        assert r["kv_gb_paper_formula"] == pytest.approx(tokens * 2_621_440 / tp / 1e9, rel=1e-12)
+    assert not llama[1]["fits_full"] and llama[2]["fits_full"]
+    qwen = {tp: tp_row("qwen3-30b-a3b", tp)["kv_gb"] for tp in (1, 2, 4, 8)}  # 4 KV heads: replicated in pairs at 8
+    assert qwen[1] == pytest.approx(tokens * 98_304 / 1e9, rel=1e-12)
+    assert qwen[2] == pytest.approx(qwen[1] / 2, rel=1e-12) and qwen[8] == qwen[4] == pytest.approx(qwen[1] / 4)
+    deepseek = [tp_row("deepseek-r1", tp) for tp in (1, 2, 4, 8)]  # the MLA latent is on every GPU
+    assert {r["kv_gb"] for r in deepseek} == {tokens * 70_272 / 1e9}
+    assert deepseek[0]["kv_gb_paper_formula"] / deepseek[0]["kv_gb"] == pytest.approx(2 * 128 * 192 / 576)
+    assert [r["weights_dtype"] for r in deepseek] == ["fp8"] * 4
+    assert not deepseek[2]["fits_full"] and deepseek[3]["fits_full"]  # fp8 R1 needs all 8 H200s
+    weights = [r["weights_gb"] for r in deepseek]
+    assert weights == sorted(weights, reverse=True) and weights[3] == pytest.approx(85.12, abs=0.01)
+
+
+def test_sliding_window_layers_hold_their_window_and_are_not_tiered():
+    m = model_spec("gpt-oss-120b")  # 18 full + 18 sliding (128-token window) layers, 8 KV heads of 64
+    per_layer = 2 * 8 * 64 * 2
+    for tp in (1, 8):
+        r = tp_row("gpt-oss-120b", tp, batch=64, context=16384)
+        full = 64 * 16384 * 18 * per_layer / tp / 1e9
+        assert r["kv_gb"] == pytest.approx(full + 64 * 128 * 18 * per_layer / tp / 1e9, rel=1e-12)
+        assert r["hbm_saved_gb"] == pytest.approx(0.5 * full, rel=1e-12)  # DDR 0.4 + evicted 0.1 of global KV
+        assert r["ddr_gb_per_step"] == pytest.approx(0.4 * full, rel=1e-12)
+    assert tp_row("gpt-oss-120b", 1)["weights_dtype"] == "mxfp4" and m.quantization == "mxfp4"
+
+
+def test_tp_grid_and_its_bad_values(trace_path):
+    models = (model_spec("qwen3-30b-a3b"),)
+    rows = scenarios(ScalingConfig(models=models, hardware=(H200,), batches=(8,), contexts=(4096,), tps=(1, 2, 4, 8),
+                                   weights=("native",)))
+    mine = [s for s in rows if not s.paper]
+    assert [s.tp for s in mine] == [1, 2, 4, 8] and all(s.tp == 1 for s in rows if s.paper)
+    with pytest.raises(TiersimError, match=r"tps: tp must divide the r1-llama-70b attention heads \(64\), got 3"):
+        ScalingConfig(models=(model_spec("r1-llama-70b"),), hardware=(H200,), tps=(3,))
+    with pytest.raises(TiersimError, match="tps: tp 2 needs NVLink"):
+        ScalingConfig(models=models, hardware=(hardware_spec("rtx4090"),), tps=(2,))
+    cfg = ScalingConfig(models=models, hardware=(H200,), batches=(8,), contexts=(256,), tps=(1, 4), paper=False,
+                        steps=8, trace=trace_path, strategies=("prefetch-layer",), weights=("native",))
+    by_tp = {r["tp"]: r for r in scaling_rows(cfg)}
+    assert by_tp[4]["step_ms_full"] < by_tp[1]["step_ms_full"]  # a quarter of the weights read per GPU
+
+
 # -- scenarios -----------------------------------------------------------------------------------------
 def test_the_papers_scenarios_are_always_there_once():
     cfg = ScalingConfig(models=(model_spec("r1-qwen-7b"),), hardware=(H200,), batches=(8, 32), contexts=(2048,))
@@ -105,8 +157,9 @@ def test_the_papers_scenarios_are_always_there_once():
 
 
 def test_tier_shares_come_from_the_schedules(trace_path):
+    # Blocks of one token: at 300 generated tokens a 3% eviction of 16-token pages rounds down to none.
     cfg = SimConfig(model=model_spec("r1-qwen-7b"), hardware=H200, trace=trace_path, batch=4, gen_tokens=300, steps=8,
-                    strategy="evict-only")
+                    strategy="evict-only", block_size=1)
     w = simulate(cfg, workers=1).workload
     shares = TierShares.at_end(w)
     assert all(s.counts[-1].sum() == s.prompt_tokens + s.steps for s in w.schedules)

@@ -279,6 +279,37 @@ def test_gpu_suite_entry_runs_shortened_on_cpu(tmp_path):
     assert "CPU measurement of this machine" in (out / "README.md").read_text()
     exact = json.loads((out / "exactness.json").read_text())
     assert exact["ran"] and exact["passed"], exact
+    # Shapes the fit never saw, every mechanism the CPU runs, the error band stored in the profile, the report.
+    assert all(s["held_out"] for s in suite["suite"]["shapes"]) and len(suite["suite"]["shapes"]) == 2
+    assert {c["config"]["copy_method"] for c in suite["configs"]} == {"dma", "dma-batched", "host-gather", "pageable"}
+    validated = hardware_spec(str(out / "profile.toml"))
+    table = validated.validation
+    assert table["configurations"] == len(suite["configs"]) and table["fitted_shapes"] == ["tiny-cpu"]
+    assert set(table["by_strategy"]) == {"prefetch-layer", "prefetch-sync", "full"}
+    assert table["median_abs_pct"] == pytest.approx(summary["suite"]["step_error_pct_median_abs"], abs=0.01)
+    assert validated.error_bar("prefetch-sync")[0] == table["by_strategy"]["prefetch-sync"]["p90_abs_pct"]
+    readme = (out / "README.md").read_text()
+    assert "validation_scatter.png" in readme and "Fit behind the profile" in readme and "load average" in readme
+    assert (out / "validation_scatter.png").stat().st_size > 0 and "<table>" in (out / "report.html").read_text()
+    assert len([p for p in out.iterdir() if p.is_file()]) <= 8  # what a lent device hands back
     assert gpu_suite.main(["--out", str(tmp_path / "none"), "--device", "cuda"]) == 2
     assert gpu_suite.main(["--device", "cpu"]) == 2  # --out missing: a usage error, as in the main CLI
     assert not torch.cuda.is_available()
+
+
+def test_simulate_prints_the_error_band_of_a_validated_profile_and_says_unvalidated_otherwise(tmp_path):
+    table = {"machine": "NVIDIA H200", "date": "2026-12-02", "median_abs_pct": 4.0, "p90_abs_pct": 9.0,
+             "by_strategy": {"prefetch-layer": {"median_abs_pct": 3.0, "p90_abs_pct": 6.0, "n": 4}}}
+    path = tmp_path / "validated.toml"
+    path.write_text(dataclasses.replace(hardware_spec("h200-sxm"), validation=table).to_toml())
+    args = ["simulate", "--model", "r1-qwen-1.5b", "--batch", "4", "--gen-tokens", "200"]
+    r = CliRunner().invoke(cli, [*args, "--hardware", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "ms ± 6% (validated on NVIDIA H200, 2026-12-02)" in r.output
+    r = CliRunner().invoke(cli, [*args, "--hardware", "h200-sxm"])
+    assert r.exit_code == 0 and "(unvalidated: datasheet profile)" in r.output
+    r = CliRunner().invoke(cli, [*args, "--hardware", str(path), "--json", str(tmp_path / "s.json")])
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["error_bar_pct"] == 6.0 and s["validated_on"] == "NVIDIA H200, 2026-12-02"
+    plain = simulate(SimConfig(model="r1-qwen-1.5b", hardware="h200-sxm", batch=4, gen_tokens=200), workers=1).summary
+    assert plain["error_bar_pct"] is None and plain["validated_on"] is None

@@ -55,6 +55,7 @@ class Workload:
     synthetic_tokens: int  # decode rows made by the synthetic continuation
     requests_started: int  # requests that entered a slot during the run (including the first ones)
     requests_finished: int
+    trace_model: str = "unknown"  # the model the trace's attention came from (its header's model id)
 
     def column(self, name: str) -> np.ndarray:
         """Per-step batch total of one column."""
@@ -79,6 +80,82 @@ def request_table(s: TierSchedule) -> np.ndarray:
             rows[t, COL[name]] = np.count_nonzero((m.from_tier == a) & (m.to_tier == b))
         rows[t, COL["to_evicted"]] = np.count_nonzero(m.to_tier == EVICTED)
     return table
+
+
+# Columns of a request's block table (block_table): KV blocks held and the runs DDR-tier tokens make.
+BLOCK_COLUMNS = (
+    "blocks",  # blocks the cached positions fill (what `full` holds in HBM)
+    "hbm_blocks",  # blocks with at least one token in HBM at full precision: they stay allocated
+    "kept_blocks",  # blocks with at least one token not evicted (what eviction alone would leave)
+    "ddr_runs", "ddr_full_blocks",  # maximal runs of DDR-tier tokens inside one block; how many are whole blocks
+    "promoted_runs", "promoted_full_blocks",  # runs copied back (DDR -> HBM or compressed) at the step's re-tier
+    "demoted_runs", "demoted_full_blocks",  # runs copied out (HBM or compressed -> DDR) at the step's re-tier
+)
+BCOL = {name: i for i, name in enumerate(BLOCK_COLUMNS)}
+
+
+def _runs(mask: np.ndarray, block_size: int) -> tuple[int, int]:
+    """Maximal runs of True inside each block of `mask`, and how many of them fill their whole block."""
+    m = np.concatenate([mask, np.zeros(-len(mask) % block_size, dtype=bool)]).reshape(-1, block_size)
+    starts = m.copy()
+    starts[:, 1:] &= ~m[:, :-1]
+    return int(starts.sum()), int(m.all(axis=1).sum())
+
+
+def block_table(s: TierSchedule, block_size: int) -> np.ndarray:
+    """Blocks and DDR runs of one schedule, per row of its request table (row 0 the prefill, row t+1 decode step t).
+
+    A block stays in HBM while any of its tokens does: partly filled and partly offloaded blocks are held.
+    Tiers change only at re-tiers; positions appended since the last one are in HBM.
+    """
+    bs = block_size
+    table = np.zeros((s.steps + 1, len(BLOCK_COLUMNS)))
+    blocks = -(-(s.prompt_tokens + np.arange(s.steps + 1)) // bs)
+    table[:, BCOL["blocks"]] = table[:, BCOL["hbm_blocks"]] = table[:, BCOL["kept_blocks"]] = blocks
+    tiers = np.full(s.prompt_tokens + s.steps + 1, HBM, dtype=np.int8)
+    for k in range(s.retiers):
+        m = s.moves(k)
+        row = int(s.retier_steps[k]) + 1  # the moves happen at the end of this row's step
+        ddr_out, ddr_in = m.from_tier == DDR, m.to_tier == DDR
+        promoted = np.zeros(len(tiers), dtype=bool)
+        promoted[m.positions[ddr_out & ((m.to_tier == HBM) | (m.to_tier == COMPRESSED))]] = True
+        demoted = np.zeros(len(tiers), dtype=bool)
+        demoted[m.positions[ddr_in & ((m.from_tier == HBM) | (m.from_tier == COMPRESSED))]] = True
+        table[row, BCOL["promoted_runs"]: BCOL["demoted_full_blocks"] + 1] = (*_runs(promoted, bs), *_runs(demoted, bs))
+        tiers[m.positions] = m.to_tier
+        # From the next row until the next re-tier's row: the state after these moves.
+        length = s.prompt_tokens + row
+        q = length // bs
+        head = tiers[: q * bs].reshape(-1, bs)
+        stop = int(s.retier_steps[k + 1]) + 2 if k + 1 < s.retiers else s.steps + 1
+        span = slice(row + 1, stop)
+        tail = blocks[span] - q  # blocks from q on all hold tokens appended since (in HBM)
+        table[span, BCOL["hbm_blocks"]] = np.count_nonzero((head == HBM).any(axis=1)) + tail
+        table[span, BCOL["kept_blocks"]] = np.count_nonzero((head != EVICTED).any(axis=1)) + tail
+        table[span, BCOL["ddr_runs"]: BCOL["ddr_full_blocks"] + 1] = _runs(tiers[:length] == DDR, bs)
+    return table
+
+
+def block_totals(w: Workload, block_size: int) -> np.ndarray:
+    """Per-step batch totals of BLOCK_COLUMNS, summed over slots exactly like `Workload.totals`.
+
+    A workload made by hand without schedules is taken as one sequence per step whose offloaded
+    tokens fill whole blocks.
+    """
+    if not w.schedules:
+        per = lambda name: -(-w.column(name) // block_size)  # noqa: E731
+        full = lambda name: w.column(name) // block_size  # noqa: E731
+        promoted, demoted = w.column("ddr_to_hbm") + w.column("ddr_to_compressed"), \
+            w.column("hbm_to_ddr") + w.column("compressed_to_ddr")
+        held = per("tokens") - full("ddr") - full("compressed") - full("evicted")
+        return np.stack([per("tokens"), held, per("tokens") - full("evicted"), per("ddr"), full("ddr"),
+                         -(-promoted // block_size), promoted // block_size, -(-demoted // block_size),
+                         demoted // block_size], axis=1)
+    flat = np.stack([block_table(s, block_size) for s in w.schedules]).reshape(-1, len(BLOCK_COLUMNS))
+    totals = np.zeros((w.slot_rows.shape[1], len(BLOCK_COLUMNS)))
+    for b in range(w.slot_rows.shape[0]):
+        totals += flat[w.slot_rows[b]]
+    return totals
 
 
 def extend_requests(trace: Trace, gen_tokens: int, params: SynthParams, seed: int) -> list[ExtendedRequest]:
@@ -156,4 +233,5 @@ def build_workload(trace: Trace, policy: PolicyConfig, gen_tokens: int, batch: i
         captured_tokens=sum(r.captured_steps for r in requests),
         synthetic_tokens=sum(r.synthetic_steps for r in requests),
         requests_started=started, requests_finished=finished,
+        trace_model=str(trace.model.get("id", "unknown")) if isinstance(trace.model, dict) else "unknown",
     )

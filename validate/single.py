@@ -1,11 +1,12 @@
-"""Prediction vs measurement: replay a configuration on the device, simulate it with a profile, compare.
+"""Prediction vs measurement of one configuration: replay it on the device, simulate it with a profile, compare.
 
 `validate` replays the TierSchedules of one configuration (hw/replay.py) for the chosen strategy and
 for `full`, runs the simulator (tiersim.sim.simulate) on exactly the same inputs — model (cut to
-`layers`), trace, batch, generated tokens, steps, policy, strategy, depth, seed, cold start, pinned —
-with the hardware profile, and reports measured and predicted step time and overhead with their
-errors. `run_suite` does that for a fixed list of configurations and summarises the errors
-(`summarize_errors`, `error_table`). hw/ only measures; every comparison lives here.
+`layers`), trace, batch, generated tokens, steps, policy, strategy, depth, seed, cold start, pinned,
+copy mechanism, block size — with the hardware profile, and reports measured and predicted step time
+and overhead with their errors. On CPU each replay's compute thread is watched: one that held its
+core less than BUSY_SHARE of the replay's wall time ran on a busy machine, and the report says so
+(`busy`), so that a suite can set it apart. hw/ only measures; every comparison lives here.
 
 Errors: step_error_pct = 100 · (predicted − measured) / measured; overhead_error_pts = predicted −
 measured overhead, in percentage points; overhead = 100 · (step / full step − 1).
@@ -28,18 +29,17 @@ from tiersim.hw.config import REPLAY_STRATEGIES, ReplayConfig, reduced_model, re
 from tiersim.hw.device import device_info as describe_device
 from tiersim.hw.device import resolve_device
 from tiersim.hw.replay import ReplayResult, replay
-from tiersim.policy import PolicyConfig
 from tiersim.sim import SimConfig, simulate
 from tiersim.specs import HardwareSpec, ModelSpec, hardware_spec, model_spec
 from tiersim.specs.hardware import datasheet_for
 from tiersim.strategy import BASELINE
 from tiersim.traces.default import default_trace_path
 from tiersim.traces.format import Trace, read_trace
-from tiersim.traces.synth import SynthParams, write_synth_trace
 from tiersim.workload.config import RunConfig
 from tiersim.workload.demand import run_workload
 
 SHAPE_KEYS = ("layers", "attention_heads", "kv_heads", "head_dim")
+BUSY_SHARE = 0.85  # CPU: a replay whose compute thread held its core less than this share of the time ran disturbed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +57,8 @@ class ValidateConfig(RunConfig):
     device: str = "cpu"
     warmup_steps: int = 2
     any_model: bool = False  # allow a captured trace to drive another model's shapes
+    copy_method: str = "auto"  # how DDR-tier pieces reach the device, the same name on both sides
+    block_size: int = 16  # tokens per KV block: a piece is at most one block, K or V of a layer
 
     def __post_init__(self) -> None:
         replayable(self.strategy)  # the replay's own refusal, before RunConfig's generic one
@@ -73,14 +75,15 @@ class ValidateConfig(RunConfig):
         return ReplayConfig(model=reduced_model(self.model, self.layers), policy=self.policy, trace=self.trace,
                             strategy=strategy or self.strategy, depth=self.depth, batch=self.batch,
                             gen_tokens=self.gen_tokens, steps=self.steps, cold_start=self.cold_start,
-                            pinned=self.pinned, seed=self.seed, device=self.device, warmup_steps=self.warmup_steps)
+                            pinned=self.pinned, seed=self.seed, device=self.device, warmup_steps=self.warmup_steps,
+                            copy_method=self.copy_method, block_size=self.block_size)
 
     def sim_config(self, model: ModelSpec | None = None, strategy: str | None = None) -> SimConfig:
         """The SimConfig of the same inputs."""
         return SimConfig(model=model or reduced_model(self.model, self.layers), hardware=self.profile,
                          policy=self.policy, trace=self.trace, strategy=strategy or self.strategy, depth=self.depth,
                          batch=self.batch, gen_tokens=self.gen_tokens, steps=self.steps, cold_start=self.cold_start,
-                         pinned=self.pinned, seed=self.seed)
+                         pinned=self.pinned, seed=self.seed, copy_method=self.copy_method, block_size=self.block_size)
 
     def describe(self) -> dict:
         """The configuration as JSON."""
@@ -89,7 +92,8 @@ class ValidateConfig(RunConfig):
                 "policy": self.policy.to_dict(), "trace": str(self.trace) if self.trace else None,
                 "strategy": self.strategy, "depth": self.depth, "batch": self.batch, "gen_tokens": self.gen_tokens,
                 "steps": self.decode_steps, "cold_start": self.cold_start, "pinned": self.pinned, "seed": self.seed,
-                "device": self.device}
+                "device": self.device, "copy_method": self.copy_method if self.pinned else "pageable",
+                "block_size": self.block_size}
 
 
 def load_trace(path: Path | None) -> Trace:
@@ -152,15 +156,31 @@ def default_profile(device: str) -> HardwareSpec:
 def measure(cfg: ValidateConfig, trace: Trace, strategy: str | None = None) -> ReplayResult:
     """Replay one strategy of the configuration on the device, over the batch's workload built exactly as the
     simulator builds it (same function, same arguments)."""
+    return measure_watched(cfg, trace, strategy)[0]
+
+
+def measure_watched(cfg: ValidateConfig, trace: Trace, strategy: str | None = None) -> tuple[ReplayResult, float | None]:
+    """`measure`, and (CPU) the share of the replay's wall time its compute thread, this one, held a core."""
     rc = cfg.replay_config(strategy)
-    return replay(rc, run_workload(rc, trace, workers=1))
+    w = run_workload(rc, trace, workers=1)
+    used, wall = time.thread_time(), time.perf_counter()
+    result = replay(rc, w)
+    share = (time.thread_time() - used) / max(time.perf_counter() - wall, 1e-9)
+    return result, (None if rc.cuda else min(1.0, share))
+
+
+def _busy(*shares: float | None) -> dict:
+    """How much of its core each replay's compute thread held, and whether any ran on a busy machine."""
+    known = [s for s in shares if s is not None]
+    return {"replay_cpu_share": list(shares), "busy": bool(known) and min(known) < BUSY_SHARE}
 
 
 def validate(cfg: ValidateConfig, trace: Trace | None = None, full: ReplayResult | None = None,
-             device_info: dict | None = None) -> dict:
+             device_info: dict | None = None, full_share: float | None = None) -> dict:
     """Replay the strategy and `full`, simulate both, and report measured vs predicted (see the module doc).
 
-    `full` is a ReplayResult of `full` to reuse (the suite shares one per batch size).
+    `full` is a ReplayResult of `full` to reuse (the suite shares one per shape and batch), `full_share` the share
+    of its core its compute thread held.
     """
     dev = resolve_device(cfg.device)  # refuse a missing device before any work
     info = device_info or describe_device(dev)
@@ -170,15 +190,15 @@ def validate(cfg: ValidateConfig, trace: Trace | None = None, full: ReplayResult
     check_trace_spec(trace, cfg.model, cfg.any_model)
     wall = time.perf_counter()
     load_before = _loadavg()
-    measured = measure(cfg, trace)
+    measured, share = measure_watched(cfg, trace)
     if not cfg.strategy_record.applies_policy:
-        full = measured
+        full, full_share = measured, share
     elif full is None:
-        full = measure(cfg, trace, BASELINE.name)
+        full, full_share = measure_watched(cfg, trace, BASELINE.name)
     sim = simulate(cfg.sim_config(), trace=trace, workers=1).summary
     report = {"device": {k: info[k] for k in ("kind", "name", "label", "driver", "torch", "host", "date")},
               "config": cfg.describe(), **compare(measured, full, sim), "replay": measured.summary(),
-              "replay_full": full.summary(), "load_average": [load_before, _loadavg()]}
+              "replay_full": full.summary(), "load_average": [load_before, _loadavg()], **_busy(share, full_share)}
     if cfg.layers is not None and cfg.layers < cfg.model.layers:
         report.update(_scaled(cfg, trace, measured, full))
     report["wall_s"] = time.perf_counter() - wall
@@ -246,137 +266,3 @@ def _loadavg() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# The suite: a fixed list of configurations (strategies x batch x β)
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Suite:
-    """The fixed inputs of a validation suite on one kind of device."""
-
-    model: ModelSpec
-    layers: int | None
-    batches: tuple[int, ...]
-    hbm_ratios: tuple[float, ...]
-    strategies: tuple[str, ...]
-    prompt_tokens: int
-    gen_tokens: int
-    steps: int | None
-    policy: PolicyConfig
-    requests: int = 4
-
-    def configurations(self) -> list[tuple[str, int, float]]:
-        """(strategy, batch, β) in a fixed order."""
-        return [(s, b, beta) for b in self.batches for s in self.strategies for beta in self.hbm_ratios]
-
-
-def _tiny_model() -> ModelSpec:
-    """A small dense model for quick CPU runs (8 heads of 64, GQA 4:1)."""
-    return ModelSpec("tiny-cpu", layers=4, attention_heads=8, kv_heads=2, head_dim=64, hidden=512, intermediate=1536,
-                     vocab=4096, source="tiersim.validate: quick-suite shapes")
-
-
-def suite_for(device: str, quick: bool) -> Suite:
-    """The fixed suite: CUDA (7B-shaped, 8 of 28 layers, batches 64 and 256: transfer-bound on PCIe), CPU
-    (1.5B-shaped, 4 of 28 layers, whose weights stream from DRAM rather than the last-level cache), or quick
-    (a tiny model, for CI). Policy: the paper's β and r; on CPU a 32-token window and Δ 32 so that a short
-    chain has a DDR tier."""
-    policy = lambda **kw: PolicyConfig(evict_ratio=0.03, **kw)  # noqa: E731
-    strategies = ("prefetch-layer", "prefetch-sync")
-    if quick:
-        return Suite(_tiny_model(), None, (2, 4), (0.3, 0.7), strategies, 32, 160, 96,
-                     policy(window=32, interval=16), requests=3)
-    if device.startswith("cuda"):
-        return Suite(model_spec("r1-qwen-7b"), 8, (64, 256), (0.3, 0.7), strategies, 128, 512, None,
-                     policy(window=128, interval=64))
-    return Suite(model_spec("r1-qwen-1.5b"), 4, (16, 64), (0.3, 0.7), strategies, 32, 320, None,
-                 policy(window=32, interval=32))
-
-
-def suite_trace(suite: Suite, folder: Path) -> Path:
-    """Write (or reuse) the suite's synthetic trace: every request has the same prompt length (lockstep batches)."""
-    path = Path(folder) / f"suite-{suite.requests}x{suite.prompt_tokens}+{suite.gen_tokens}.tstrace"
-    if not path.exists():
-        write_synth_trace(path, SynthParams(), suite.requests, suite.prompt_tokens, suite.gen_tokens, seed=0)
-    return path
-
-
-def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = False, budget_s: float | None = None,
-              progress=None, share_full: bool | None = None) -> dict:
-    """Validate every configuration of the suite. Each is measured right after its own `full` replay, so that a
-    machine whose speed drifts (other jobs) still gives a fair overhead; `share_full` (the quick suite's default)
-    measures one `full` per batch size instead.
-
-    Stops starting new configurations once `budget_s` seconds are spent (they are listed as skipped).
-    """
-    share_full = quick if share_full is None else share_full
-    info = describe_device(resolve_device(device))
-    suite = suite_for(device, quick)
-    folder = Path(folder)  # for the suite's synthetic trace (made again from its seed when missing)
-    folder.mkdir(parents=True, exist_ok=True)
-    trace_path = suite_trace(suite, folder)
-    trace = read_trace(trace_path)
-    wall = time.perf_counter()
-    reports, skipped, fulls = [], [], {}
-    for strategy, batch, beta in suite.configurations():
-        if budget_s is not None and time.perf_counter() - wall > budget_s:
-            skipped.append({"strategy": strategy, "batch": batch, "hbm_ratio": beta})
-            continue
-        cfg = ValidateConfig(model=suite.model, profile=profile, policy=dataclasses.replace(suite.policy, hbm_ratio=beta),
-                             device=device, trace=trace_path, strategy=strategy, batch=batch,
-                             gen_tokens=suite.gen_tokens, steps=suite.steps, layers=suite.layers)
-        if batch not in fulls or not share_full:
-            fulls[batch] = measure(cfg, trace, BASELINE.name)
-        r = validate(cfg, trace, full=fulls[batch], device_info=info)
-        reports.append(r)
-        if progress is not None:
-            progress(r)
-    return {"device": reports[0]["device"] if reports else {"name": info["name"], "label": info["label"]},
-            "suite": {"model": suite.model.name, "layers": suite.layers, "batches": suite.batches,
-                      "hbm_ratios": suite.hbm_ratios, "strategies": suite.strategies, "prompt_tokens": suite.prompt_tokens,
-                      "gen_tokens": suite.gen_tokens, "steps": suite.steps, "policy": suite.policy.to_dict(),
-                      "trace": str(trace_path), "quick": quick, "full_shared_per_batch": share_full},
-            "summary": summarize_errors(reports), "configs": reports, "skipped": skipped,
-            "wall_s": time.perf_counter() - wall}
-
-
-def summarize_errors(reports: list[dict]) -> dict:
-    """Median and worst absolute errors, their spread, and the measurements' own noise."""
-    if not reports:
-        return {"configurations": 0}
-    step = np.array([r["step_error_pct"] for r in reports])
-    over = np.array([r["overhead_error_pts"] for r in reports])
-    full = np.array([r["full_step_error_pct"] for r in reports])
-    cv = np.array([r["measured_spread"]["cv"] for r in reports])
-    a = np.abs(step)
-    return {
-        "configurations": len(reports),
-        "step_error_pct_median_abs": float(np.median(a)),
-        "step_error_pct_worst_abs": float(a.max()),
-        "step_error_pct_min": float(step.min()), "step_error_pct_max": float(step.max()),
-        "step_error_pct_p25_p75": [float(np.percentile(step, 25)), float(np.percentile(step, 75))],
-        "overhead_error_pts_median_abs": float(np.median(np.abs(over))),
-        "overhead_error_pts_worst_abs": float(np.abs(over).max()),
-        "full_step_error_pct_median_abs": float(np.median(np.abs(full))),
-        "measured_step_cv_median": float(np.median(cv)),
-    }
-
-
-def error_table(suite: dict) -> str:
-    """A suite's errors (a `run_suite` result) as a Markdown table and a one-line summary."""
-    lines = ["| strategy | batch | β | measured ms | predicted ms | step error % | measured overhead % | "
-             "predicted overhead % | overhead error pts |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in suite["configs"]:
-        c = r["config"]
-        lines.append(f"| {c['strategy']} | {c['batch']} | {c['policy']['hbm_ratio']} | {r['measured_step_ms']:.3f} | "
-                     f"{r['predicted_step_ms']:.3f} | {r['step_error_pct']:+.1f} | {r['measured_overhead_pct']:+.1f} | "
-                     f"{r['predicted_overhead_pct']:+.1f} | {r['overhead_error_pts']:+.1f} |")
-    s = suite["summary"]
-    if s.get("configurations"):
-        lines.append("")
-        lines.append(f"Median |step error| {s['step_error_pct_median_abs']:.1f}%, worst {s['step_error_pct_worst_abs']:.1f}%;"
-                     f" median |overhead error| {s['overhead_error_pts_median_abs']:.1f} pts, worst "
-                     f"{s['overhead_error_pts_worst_abs']:.1f} pts; median step-time CV {s['measured_step_cv_median']:.2f}.")
-    return "\n".join(lines)

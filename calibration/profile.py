@@ -1,0 +1,290 @@
+"""A hardware profile from microbenchmark results: every fit of calibration/fit.py, then a HardwareSpec whose
+every value says where it came from, how well it fits, and (in its [fit] table) which shapes were fitted
+and which were held out.
+
+Every value of the resulting HardwareSpec carries "measured: <device>, <driver>, torch <version>,
+<date>, <how>, fit residual ...", or, for what a microbenchmark cannot measure, where it comes from.
+A fit whose residual is above calibration.fit.FIT_LIMIT is marked in its source ("RESIDUAL ABOVE THE
+15% LIMIT") and listed under [fit] marked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from tiersim.calibration.fit import (
+    FIT_LIMIT,
+    ComputeFit,
+    LinkFit,
+    check_shape,
+    fit_compute_shapes,
+    fit_gather,
+    fit_link,
+    fit_mechanisms,
+    fit_roofline,
+    kernel_work,
+)
+from tiersim.fileio import atomic_path, write_json
+from tiersim.specs import HardwareSpec, ModelSpec
+from tiersim.specs.hardware import datasheet_for
+
+GB = 1e9
+LINK_CURVES = ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable")
+# Kernel launches of each timed kind (hw/kernels.py), so its fixed cost is bounded by that many no-op launches.
+KERNEL_LAUNCHES = {"matmul": 2, "attention": 12, "lm_head": 8}
+
+
+def shapes_of(raw: dict, role: str) -> list[tuple[ModelSpec, list[dict], list[dict]]]:
+    """(model, layer timings, head timings) of the shapes measured with `role` ('fitted' or 'held_out'); a raw
+    result without a shapes list has one fitted shape, its model's."""
+    shapes = raw.get("shapes")
+    if not shapes:
+        return [(ModelSpec.from_dict(raw["model"]), raw["layers"], raw["head"])] if role == "fitted" else []
+    return [(ModelSpec.from_dict(s["model"]), s["layers"], s["head"]) for s in shapes if s["role"] == role]
+
+
+def launch_bound_s(raw: dict) -> float | None:
+    """The no-op layer's time (the replay's layer on a shape with nothing to compute): the launch cost's bound."""
+    floor = (raw.get("launch") or {}).get("noop_layer")
+    return floor["median_s"] if floor else None
+
+
+def fits(raw: dict) -> dict:
+    """Every fit of one calibration result."""
+    out = {name: fit_link(points).to_dict() for name, points in raw["copies"].items()}
+    out["gather"] = fit_gather(raw["gather"] + raw.get("gather_rows", [])).to_dict()
+    fitted, held = shapes_of(raw, "fitted"), shapes_of(raw, "held_out")
+    compute = fit_compute_shapes(fitted, launch_bound_s(raw))
+    out["compute"] = compute.to_dict()
+    out["held_out"] = [check_shape(compute, *s) for s in held]
+    model = ModelSpec.from_dict(raw["model"])
+    noop_op = (raw.get("launch") or {}).get("noop_op")
+    kinds = {}
+    for kind, points in (("matmul", raw.get("gemm")), ("attention", raw.get("attention")), ("lm_head", raw.get("head"))):
+        if points and len(points) >= 3:
+            bound = noop_op["median_s"] * KERNEL_LAUNCHES[kind] if noop_op else None
+            kinds[kind] = fit_roofline(kernel_work(kind, points, model), bound).to_dict()
+    out["kinds"] = kinds
+    out["step_overhead"] = (raw.get("launch") or {}).get("step_overhead")
+    out["mechanisms"] = fit_mechanisms(raw.get("copy_mechanisms"))
+    att = raw.get("attention")
+    out["attention_kv_gbps_median"] = float(np.median([p["kv_gbps"] for p in att])) if att else None
+    return out
+
+
+def _link_gather_note(raw: dict) -> str:
+    """What the GPU's own gather from pinned host memory reached (the pinned fetch of sim/costs.py), for comparison."""
+    points = raw.get("link_gather") or []
+    if not points or "unavailable" in points[0]:
+        return ""
+    rates = ", ".join(f"{p['gbps']:.1f}" for p in points)
+    return (f"; for comparison, the GPU gathering {points[0]['row_bytes']}-byte KV rows from pinned host memory "
+            f"itself (zero-copy) reached {rates} GB/s at {', '.join(str(p['bytes'] >> 20) + ' MiB' for p in points)}")
+
+
+def _link_fit(d: dict) -> LinkFit:
+    return LinkFit(**{k: v for k, v in d.items() if k in LinkFit.__dataclass_fields__})
+
+
+def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareSpec:
+    """A HardwareSpec from the measurements and fits; every value says where it came from."""
+    info = raw["device"]
+    cpu = info["kind"] == "cpu"
+    where = f"measured: {info['name']}, {info['driver']}, torch {info['torch']}, {info['date']}"
+    if cpu:
+        where += ", one torch thread (the replay's CPU compute stream)"
+    c = ComputeFit(**fitted["compute"])
+    how_copy = ("copy_ between two host buffers (the CPU device has no host link)" if cpu else
+                "cudaMemcpyAsync via tensor.copy_(non_blocking=True) on one stream, CUDA events")
+    first, last = raw["copies"]["h2d_pinned"][0]["bytes"], raw["copies"]["h2d_pinned"][-1]["bytes"]
+    sizes = f"{len(raw['copies']['h2d_pinned'])} sizes {first // 1024} KiB..{last // (1 << 20)} MiB, medians"
+    values, sources, marked = {}, {}, []
+
+    def put(key, value, how, ok=True):
+        values[key], sources[key] = float(value), f"{where}, {how}"
+        if not ok:
+            marked.append(key)
+
+    for key, curve in (("h2d_gbps_pinned", "h2d_pinned"), ("d2h_gbps_pinned", "d2h_pinned"),
+                       ("h2d_gbps_pageable", "h2d_pageable"), ("d2h_gbps_pageable", "d2h_pageable")):
+        f = _link_fit(fitted[curve])
+        kind = "pinned" if "pinned" in curve else "pageable"
+        put(key, f.gbps, f"{curve.split('_')[0].upper()} {kind}: {how_copy}, {sizes}, bandwidth of latency + "
+                         f"bytes/bandwidth (bandwidth from the copies >= 1 MiB); {f.residual()}"
+                         + (_link_gather_note(raw) if key == "h2d_gbps_pinned" else ""), f.within_limit)
+    lat = _link_fit(fitted["h2d_pinned"])
+    others = ", ".join(f"{k} {fitted[k]['latency_us']:.2f}" for k in ("d2h_pinned", "h2d_pageable", "d2h_pageable"))
+    dma = (fitted.get("mechanisms") or {}).get("dma", {})
+    if lat.latency_us < 0.1 and dma.get("latency_us"):  # small copies ran from cache: one copy call's own cost
+        put("copy_latency_us", dma["latency_us"], f"cost per call of the dma mechanism (one copy per piece, over piece "
+            f"sizes and counts); the pinned H2D curve's latency ({lat.latency_us:.3f} us; {others} us for the other "
+            f"curves) is below 0.1 us: its small copies ran from cache; {_link_fit(dma).residual()}",
+            _link_fit(dma).within_limit)
+    else:
+        put("copy_latency_us", max(lat.latency_us, 0.01),
+            f"latency of the pinned H2D fit ({others} us for the other curves); {lat.residual()}"
+            + ("; floored at 0.01 us" if lat.latency_us < 0.01 else ""), lat.within_limit)
+    dup = raw["duplex"]
+    put("duplex_factor", min(1.0, max(dup["factor"], 1e-3)),
+        f"H2D and D2H of {dup['bytes'] // (1 << 20)} MiB at once ({'two host threads' if cpu else 'two CUDA streams'}):"
+        f" each direction keeps {dup['factor_h2d']:.2f} (H2D) and {dup['factor_d2h']:.2f} (D2H) of its bandwidth alone; "
+        "mean, capped at 1")
+    shapes = ", ".join(c.shapes) or ModelSpec.from_dict(raw["model"]).name
+    put("hbm_gbps_effective", c.hbm_gbps,
+        f"B of the cost model's layer roofline fitted (scipy least_squares, weighted log residuals) to whole "
+        f"model-shaped layers (projections + attention over T0 chunks + MLP) and the lm_head of {shapes}, rotated "
+        f"through weight copies larger than the cache; 95% interval {_ci(c.hbm_gbps_ci)} GB/s; {c.residual()}",
+        c.within_limit)
+    put("bf16_tflops_effective", c.tflops, f"F of the same fit; 95% interval {_ci(c.tflops_ci)} TFLOP/s; {c.residual()}",
+        c.within_limit)
+    bound = (f", held in [0, {c.launch_max_us:.1f}] us: the replay's layer with nothing to compute (a no-op layer)"
+             if c.launch_max_us is not None else "")
+    put("launch_us", max(c.launch_us, 0.01), f"per-layer constant of the same fit (kernel launches"
+        f"{' and Python dispatch' if cpu else ''}){bound}; 95% interval {_ci(c.launch_us_ci)} us; {c.residual()}"
+        + ("; the fit put it at its bound 0, floored at 0.01 us" if c.launch_us < 0.01 else ""), c.within_limit)
+    g = _link_fit(fitted["gather"])
+    per_row = f", {g.piece_us * 1e3:.1f} ns per row" if g.piece_us else ""
+    put("ddr_gbps", 2 * g.gbps,
+        f"2 x the host gather rate (read + write traffic) of scattered {raw['gather'][0]['row_bytes']}-byte KV rows "
+        f"(torch.index_select into a contiguous buffer, {g.points} sizes{per_row}); {g.residual()}", g.within_limit)
+    ram = info["ram_bytes"] / GB
+    put("ddr_gb", ram, "MemTotal of /proc/meminfo (installed host RAM)")
+    if cpu:
+        put("hbm_gb", ram, "the CPU device's memory is host RAM: MemTotal of /proc/meminfo")
+    else:
+        put("hbm_gb", info["memory_bytes"] / GB, "total_memory reported by torch.cuda.get_device_properties")
+    _spec_values(raw, values, sources, where)
+    _mechanism_values(fitted.get("mechanisms") or {}, values, sources, where, marked)
+    if "host-gather" in (fitted.get("mechanisms") or {}) and raw.get("bounce_bytes"):
+        values["host_gather_chunk_mb"] = raw["bounce_bytes"] / 2**20
+        sources["host_gather_chunk_mb"] = (f"{where}, the pinned bounce chunk the host-gather benchmark fills before "
+                                           "each copy (hw/copy_bench.BOUNCE_BYTES): a choice of the mechanism, not a fit")
+    sheet = datasheet_for(info)
+    label = info["name"]
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48]
+    return HardwareSpec(
+        name=name or f"measured-{slug}",
+        description=(f"{info['label']}: calibrated {info['date']} on {info['host']}" if cpu else
+                     f"{label} measured {info['date']} on {info['host']}"),
+        link=("none: CPU device, copies are host memcpy" if cpu else (sheet.link if sheet else "host link (measured)")),
+        **values, sources=sources, fit=fit_table(fitted, marked))
+
+
+def _mechanism_values(mech: dict, values: dict, sources: dict, where: str, marked: list[str]) -> None:
+    """The copy mechanisms' optional constants (sim/copies.py) from their fits, where measured: the dma piece size
+    at half the link rate, the batched copy's cost per piece, the gather kernel's share of the link."""
+    dma, batched, kernel = mech.get("dma", {}), mech.get("dma-batched", {}), mech.get("gather-kernel", {})
+    if "latency_us" in dma and "copy_latency_us" in values:
+        f = _link_fit(dma)
+        extra_us = max(f.latency_us - values["copy_latency_us"], 1e-3)
+        values["dma_half_size_kb"] = extra_us * 1e-6 * f.gbps * 1e9 / 1024
+        sources["dma_half_size_kb"] = (f"{where}, one copy per piece over piece sizes and counts: (cost per piece "
+                                       f"{f.latency_us:.3g} us - copy_latency_us) x the curve's {f.gbps:.3g} GB/s; "
+                                       f"{f.residual()}")
+        if not f.within_limit:
+            marked.append("dma_half_size_kb")
+    if "piece_us" in batched:
+        f = _link_fit(batched)
+        values["dma_batch_descriptor_us"] = max(f.piece_us, 1e-3)
+        sources["dma_batch_descriptor_us"] = (f"{where}, cost per piece of one batched copy of N pieces (fit of calls x "
+                                              f"latency + pieces x cost + bytes / {f.gbps:.3g} GB/s); {f.residual()}"
+                                              + ("; floored at 0.001 us" if f.piece_us < 1e-3 else ""))
+        if not f.within_limit:
+            marked.append("dma_batch_descriptor_us")
+    if "gbps" in kernel and values.get("h2d_gbps_pinned"):
+        f = _link_fit(kernel)
+        values["gather_kernel_link_frac"] = min(1.0, f.gbps / values["h2d_gbps_pinned"])
+        sources["gather_kernel_link_frac"] = (f"{where}, the zero-copy gather kernel's {f.gbps:.3g} GB/s over the pinned "
+                                              f"H2D copy rate, capped at 1; {f.residual()}")
+
+
+def fit_table(fitted: dict, marked: list[str]) -> dict:
+    """The profile's [fit] table: shapes fitted and held out, residuals per field, what is marked, per-kind fits."""
+    c = fitted["compute"]
+    table = {"shapes": list(c.get("shapes") or []), "held_out": [h["shape"] for h in fitted.get("held_out", [])],
+             "limit_pct": 100 * FIT_LIMIT,
+             "residual_rms_pct": {"compute": round(100 * c["rms_rel"], 2),
+                                  **{k: round(100 * fitted[k]["rms_rel"], 2) for k in (*LINK_CURVES, "gather")}},
+             "marked": marked}
+    if fitted.get("held_out"):
+        table["held_out_rms_pct"] = {h["shape"]: round(100 * h["rms_rel"], 2) for h in fitted["held_out"]}
+    if c.get("launch_max_us") is not None:
+        table["launch_bound_us"] = round(c["launch_max_us"], 3)
+    kinds = {k: {"gbps": round(v["gbps"], 4), "tflops": round(v["tflops"], 5), "fixed_us": round(v["fixed_us"], 3),
+                 "rms_pct": round(100 * v["rms_rel"], 2)} for k, v in (fitted.get("kinds") or {}).items()}
+    if kinds:
+        table["kinds"] = kinds
+    over = fitted.get("step_overhead")
+    if over and over.get("overhead_us") is not None:
+        table["step_overhead_us"] = round(over["overhead_us"], 3)
+    return table
+
+
+def _ci(ci) -> str:
+    return "n/a" if not ci else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+def _spec_values(raw: dict, values: dict, sources: dict, where: str) -> None:
+    """hbm_gbps_spec and bf16_tflops_spec: the datasheet when the device is known, else the best measured."""
+    sheet = datasheet_for(raw["device"])
+    best_bw = max([values["hbm_gbps_effective"], raw["device_copy"]["gbps_read_write"] / 2]
+                  + [p["weight_gbps"] for p in raw["gemm"]] + [p["kv_gbps"] for p in raw["attention"]])
+    best_fl = max([values["bf16_tflops_effective"]] + [p["tflops"] for p in raw["gemm"]])
+    for key, eff, best, unit in (("hbm_gbps_spec", "hbm_gbps_effective", best_bw, "GB/s"),
+                                 ("bf16_tflops_spec", "bf16_tflops_effective", best_fl, "TFLOP/s")):
+        if sheet is not None and getattr(sheet, key) >= values[eff]:
+            values[key], sources[key] = getattr(sheet, key), f"{sheet.sources[key]} (datasheet, via profile {sheet.name})"
+        else:
+            values[key] = max(best, values[eff])
+            why = (f"no datasheet for {raw['device']['name']}" if sheet is None else
+                   f"the datasheet value {getattr(sheet, key)} is below the measured effective one")
+            sources[key] = (f"{where}: {why}; set to the highest rate any microbenchmark reached ({values[key]:.3g} "
+                            f"{unit}: fitted, GEMMs, attention, device copy)")
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A calibrated profile and everything behind it."""
+
+    profile: HardwareSpec
+    raw: dict  # measurements, fits, device info
+
+    def write(self, toml_path: str | Path, raw_path: str | Path | None = None) -> tuple[Path, Path]:
+        """Write the profile TOML and the raw JSON atomically; return both paths."""
+        toml_path = Path(toml_path)
+        raw_path = Path(raw_path) if raw_path else toml_path.with_suffix(".raw.json")
+        write_profile(self.profile, toml_path, f"Written by `tiersim calibrate`; raw measurements and fits in "
+                                               f"{raw_path.name}.")
+        write_json(raw_path, self.raw)
+        return toml_path, raw_path
+
+
+def write_profile(profile: HardwareSpec, path: str | Path, note: str) -> Path:
+    """Write a profile TOML atomically, a header with its description, `note` and the units first."""
+    path = Path(path)
+    header = f"# {profile.description}\n# {note}\n# Units: GB = 1e9 bytes, GB/s = 1e9 B/s, TFLOP/s dense.\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(header + replace(profile, path="").to_toml())
+    return path
+
+
+def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
+    """(field, value, how) rows for the CLI table."""
+    p = cal.profile
+    rows = []
+    for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "h2d_gbps_pinned", "d2h_gbps_pinned",
+                "h2d_gbps_pageable", "d2h_gbps_pageable", "copy_latency_us", "duplex_factor", "ddr_gbps", "hbm_gb",
+                "ddr_gb", "hbm_gbps_spec", "bf16_tflops_spec"):
+        value = getattr(p, key)
+        residual = re.search(r"fit residual [^;]*(; RESIDUAL ABOVE[^;]*)?", p.sources[key])
+        rows.append((key, f"{value:.4g}", residual.group(0) if residual else p.sources[key].split(", ")[-1][:60]))
+    return rows
+
+
+__all__ = ["Calibration", "build_profile", "fit_table", "fits", "launch_bound_s", "shapes_of", "summary_rows",
+           "write_profile"]

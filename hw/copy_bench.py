@@ -1,0 +1,254 @@
+"""Microbenchmarks of the copy mechanisms (hw/copies.py): copy time against piece size and piece count for each
+mechanism, a copy running beside a GEMM and beside attention (who slows whom), and the host gather rate by threads.
+
+Every benchmark moves N scattered pieces of S bytes out of a host pool of 2N pieces (every other piece, at random)
+into one contiguous buffer on the device, the way the replay stages DDR-tier blocks. On `--device cpu` the
+"device" is host memory: dma is a loop of host memcpys, dma-batched one fused gather, host-gather a gather into a
+bounce buffer then a copy; gather-kernel needs CUDA and is left out. Results go into `measure`'s raw dict under
+`copy_mechanisms`, `interference` and `host_gather_threads` for the calibration fit.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+
+import numpy as np
+
+from tiersim.hw.copies import COPY_METHODS, CPU_METHODS, coalesce
+from tiersim.hw.device import uva_alias
+from tiersim.hw.kernels import decode_attention, torch_dtype
+from tiersim.hw.streams import cpu_threads
+from tiersim.hw.timing import time_op
+from tiersim.specs import ModelSpec
+
+KIB, MIB = 1 << 10, 1 << 20
+PIECE_SIZES = tuple(256 * 4**i for i in range(10))  # 256 B .. 64 MiB
+PIECE_COUNTS = (1, 16, 256, 4096)
+GATE_CYCLES = 300_000_000  # spin kernel holding both streams while the host enqueues (~0.15 s at ~2 GHz)
+BOUNCE_BYTES = 8 * MIB  # the replay's bounce chunk order of size (hw/memory.BOUNCE_ROWS rows of a KV row)
+
+
+def methods_for(device) -> tuple[str, ...]:
+    """The mechanisms this device runs."""
+    return COPY_METHODS if device.type == "cuda" else CPU_METHODS
+
+
+class PieceCopy:
+    """N pieces of S bytes, scattered in a (pinned, on CUDA) host pool, copied into one device buffer by a mechanism."""
+
+    def __init__(self, device, piece_bytes: int, pieces: int, seed: int = 0):
+        import torch
+
+        self.device, self.cuda = device, device.type == "cuda"
+        self.S, self.N = piece_bytes, pieces
+        cols = piece_bytes // 2  # int16 elements: the UVA alias needs a 2-byte type
+        self.src = torch.ones(2 * pieces, cols, dtype=torch.int16, pin_memory=self.cuda)
+        idx = np.sort(np.random.default_rng(seed).permutation(2 * pieces)[:pieces])
+        self.idx = torch.as_tensor(idx, dtype=torch.int64)
+        self.idx_list = idx.tolist()
+        src, rows = coalesce(idx, np.ones(pieces, dtype=np.int64))
+        self.runs = list(zip(src.tolist(), rows.tolist()))
+        self.dst = torch.empty(pieces, cols, dtype=torch.int16, device=device)
+        chunk = max(1, min(pieces, BOUNCE_BYTES // piece_bytes))
+        self.bounce = [torch.empty(chunk, cols, dtype=torch.int16, pin_memory=self.cuda) for _ in range(2)]
+        self.alias = self.idx_dev = None
+        if self.cuda:
+            self.idx_dev = self.idx.to(device)
+            try:
+                self.alias = uva_alias(self.src, device)
+            except Exception:  # noqa: BLE001 - the gather kernel is then unavailable (reported as such)
+                self.alias = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one copy moves."""
+        return self.S * self.N
+
+    def fn(self, method: str):
+        """A callable doing one copy of every piece by `method` (None where the device cannot run it)."""
+        return {"dma": self._dma, "dma-batched": self._batched, "host-gather": self._host_gather,
+                "gather-kernel": self._gather_kernel if self.alias is not None else None}[method]
+
+    def _dma(self) -> None:
+        nb = self.cuda
+        for i, j in enumerate(self.idx_list):
+            self.dst[i].copy_(self.src[j], non_blocking=nb)
+
+    def _batched(self) -> None:
+        import torch
+
+        if not self.cuda:
+            torch.index_select(self.src, 0, self.idx, out=self.dst)
+            return
+        at = 0
+        for start, rows in self.runs:  # torch has no batched memcpy: one copy per run of adjacent pieces
+            self.dst[at: at + rows].copy_(self.src[start: start + rows], non_blocking=True)
+            at += rows
+
+    def _gather_kernel(self) -> None:
+        import torch
+
+        torch.index_select(self.alias, 0, self.idx_dev, out=self.dst)
+
+    def _host_gather(self) -> None:
+        import torch
+
+        chunk = len(self.bounce[0])
+        done = [None, None]
+        for i, start in enumerate(range(0, self.N, chunk)):
+            part = self.idx[start: start + chunk]
+            b = self.bounce[i % 2][: len(part)]
+            if done[i % 2] is not None:
+                done[i % 2].synchronize()
+            torch.index_select(self.src, 0, part, out=b)
+            self.dst[start: start + len(part)].copy_(b, non_blocking=self.cuda)
+            if self.cuda:
+                done[i % 2] = torch.cuda.Event()
+                done[i % 2].record()
+
+
+def _point(device, method: str, S: int, N: int, repeats: int, budget_s: float) -> dict:
+    pc = PieceCopy(device, S, N)
+    fn = pc.fn(method)
+    if fn is None:
+        return {"method": method, "piece_bytes": S, "pieces": N, "unavailable": "no zero-copy UVA alias here"}
+    t = time_op(fn, device, repeats=repeats, budget_s=budget_s)
+    return {"method": method, "piece_bytes": S, "pieces": N, "bytes": pc.nbytes, **t.to_dict(),
+            "gbps": pc.nbytes / t.median_s / 1e9, "us_per_piece": t.median_s / N * 1e6}
+
+
+def mechanism_curves(device, sizes=PIECE_SIZES, counts=PIECE_COUNTS, total_bytes: int = 16 * MIB,
+                     max_pieces: int = 4096, count_piece_bytes: int = 16 * KIB, repeats: int = 5,
+                     budget_s: float = 2.0) -> dict:
+    """Per mechanism: copy time against piece size (N = total_bytes / S pieces, at most `max_pieces`, at least
+    1) and against piece count (pieces of `count_piece_bytes`); a noisy point is re-measured for at most
+    `budget_s`, then flagged."""
+    out = {}
+    for method in methods_for(device):
+        by_size = [_point(device, method, S, int(min(max_pieces, max(1, total_bytes // S))), repeats, budget_s)
+                   for S in sizes]
+        by_count = [_point(device, method, count_piece_bytes, N, repeats, budget_s) for N in counts]
+        out[method] = {"by_size": by_size, "by_count": by_count}
+    return out
+
+
+def _concurrent_cuda(copy, work, n_copy: int, n_work: int) -> tuple[float, float]:
+    """Seconds per call of `copy` on a side stream (issued from a second host thread, since host-gather blocks its
+    thread) and `work` on the current stream, started together: both streams wait behind a spin kernel
+    (GATE_CYCLES) while the hosts enqueue, so a copy issued piece by piece does not start long before the work."""
+    import torch
+
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    gate = torch.cuda.Event()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(GATE_CYCLES)
+    gate.record(main)
+    side.wait_event(gate)
+
+    def copies():
+        with torch.cuda.stream(side):
+            events[0].record()
+            for _ in range(n_copy):
+                copy()
+            events[1].record()
+
+    th = threading.Thread(target=copies)
+    th.start()
+    events[2].record()
+    for _ in range(n_work):
+        work()
+    events[3].record()
+    th.join()
+    torch.cuda.synchronize()
+    return events[0].elapsed_time(events[1]) * 1e-3 / n_copy, events[2].elapsed_time(events[3]) * 1e-3 / n_work
+
+
+def _concurrent_cpu(copy, work, n_copy: int, n_work: int) -> tuple[float, float]:
+    """Seconds per call of `copy` in a second thread and `work` in this one, started together."""
+    times, start = {}, threading.Barrier(2)
+
+    def loop(name, fn, n):
+        start.wait()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times[name] = (time.perf_counter() - t) / n
+
+    th = threading.Thread(target=loop, args=("copy", copy, n_copy))
+    th.start()
+    loop("work", work, n_work)
+    th.join()
+    return times["copy"], times["work"]
+
+
+def _workloads(device, model: ModelSpec, tokens: int, kv_tokens: int) -> dict:
+    """A GEMM of the layer's MLP shape over `tokens` tokens, and decode attention over `kv_tokens` per sequence."""
+    import torch
+
+    dtype, m = torch_dtype(model), model
+    w = torch.randn(2 * m.intermediate, m.hidden, device=device).to(dtype)
+    x = torch.randn(tokens, m.hidden, device=device).to(dtype)
+    chunk = 128
+    f = -(-kv_tokens // chunk)
+    batch = 8
+    k = torch.randn(f, batch * m.kv_heads, chunk, m.head_dim, device=device).to(dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(batch * m.kv_heads, m.attention_heads // m.kv_heads, m.head_dim, device=device).to(dtype)
+    return {"gemm": lambda: x @ w.T,
+            "attention": functools.partial(decode_attention, q, k, v, kv_tokens - (f - 1) * chunk)}
+
+
+def interference(device, model: ModelSpec, piece_bytes: int = 16 * KIB, nbytes: int = 64 * MIB,
+                 tokens: int = 256, kv_tokens: int = 4160, repeats: int = 5, span_s: float = 0.05) -> list[dict]:
+    """Each mechanism's copy beside a GEMM and beside attention: each one's time alone and together, and the
+    slowdowns (together / alone). On CPU the copy runs in a second thread (each on one torch thread) for about
+    `span_s` per repeat; on CUDA on a side stream, 3 copies beside as many calls as take as long."""
+    pc = PieceCopy(device, piece_bytes, max(1, nbytes // piece_bytes))
+    works = _workloads(device, model, tokens, kv_tokens)
+    together = _concurrent_cuda if device.type == "cuda" else _concurrent_cpu
+    out = []
+    for name, work in works.items():
+        work_alone = time_op(work, device, repeats=repeats, budget_s=2.0).median_s
+        for method in methods_for(device):
+            copy = pc.fn(method)
+            if copy is None:
+                continue
+            copy_alone = time_op(copy, device, repeats=repeats, inner=1, budget_s=2.0).median_s
+            n_copy = max(2, int(round(span_s / copy_alone))) if device.type == "cpu" else 3
+            n_work = max(2, int(round(n_copy * copy_alone / work_alone)))
+            pairs = [together(copy, work, n_copy, n_work) for _ in range(repeats)]
+            copy_both, work_both = (float(np.median([p[i] for p in pairs])) for i in (0, 1))
+            out.append({"method": method, "with": name, "piece_bytes": piece_bytes, "bytes": pc.nbytes,
+                        "copy_alone_s": copy_alone, "copy_together_s": copy_both, "work_alone_s": work_alone,
+                        "work_together_s": work_both, "copy_slowdown": copy_both / copy_alone,
+                        "work_slowdown": work_both / work_alone})
+    return out
+
+
+def host_gather_threads(model: ModelSpec, block_size: int = 16, nbytes: int = 64 * MIB, pinned: bool = False,
+                        repeats: int = 5, threads=None) -> list[dict]:
+    """Host gather rate of scattered K blocks (block_size x kv_heads x head_dim) by torch threads: 1, 2, 4, ...
+    up to the cores (the host side of host-gather; bytes gathered per second)."""
+    import torch
+
+    piece = block_size * model.kv_heads * model.head_dim * model.dtype_bytes
+    pc = PieceCopy(torch.device("cpu"), piece, max(1, nbytes // piece))
+    if pinned:
+        pc.dst = pc.dst.pin_memory()
+    cores = os.cpu_count() or 1
+    threads = threads or sorted({min(cores, 2**i) for i in range(int(np.log2(cores)) + 1)} | {cores})
+    out = []
+    for n in threads:
+        with cpu_threads(n):
+            t = time_op(pc.fn("dma-batched"), torch.device("cpu"), repeats=repeats, budget_s=2.0)
+        out.append({"threads": n, "piece_bytes": piece, "bytes": pc.nbytes, **t.to_dict(),
+                    "gbps": pc.nbytes / t.median_s / 1e9})
+    return out
+
+
+__all__ = ["PIECE_COUNTS", "PIECE_SIZES", "PieceCopy", "host_gather_threads", "interference", "mechanism_curves",
+           "methods_for"]
