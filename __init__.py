@@ -8,7 +8,8 @@ The Python API (tiersim/api.py) is reached from here without importing it up fro
 from tiersim.version import __version__
 
 _API = {"simulate": "simulate", "search": "search", "advise": "advise", "scaling": "scaling", "sweep": "sweep",
-        "capture": "capture", "calibrate": "calibrate", "validation": "validate"}
+        "capture": "capture", "calibrate": "calibrate", "validation": "validate",
+        "reproduce_prototype": "reproduce_prototype"}
 
 __all__ = ["__version__", *_API]
 

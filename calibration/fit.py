@@ -310,11 +310,12 @@ class LinkFit:
     rms_rel_large: float | None = None  # over the copies that set the bandwidth (>= 1 MiB)
     size_curve: list | None = None  # [bytes, effective GB/s] per measured size
     dropped: int = 0
+    identified: bool = True  # False: the times did not grow with the bytes; the rate is the large copies' median
 
     @property
     def within_limit(self) -> bool:
         """Whether the residual over the sizes that set the bandwidth is at most FIT_LIMIT."""
-        return (self.rms_rel if self.rms_rel_large is None else self.rms_rel_large) <= FIT_LIMIT
+        return self.identified and (self.rms_rel if self.rms_rel_large is None else self.rms_rel_large) <= FIT_LIMIT
 
     def residual(self) -> str:
         """The residual as a phrase for sources (marked when above the limit)."""
@@ -323,6 +324,8 @@ class LinkFit:
             text += f" ({100 * self.rms_rel_large:.1f}% rms over the copies >= 1 MiB)"
         if self.dropped:
             text += f", {self.dropped} flagged sizes dropped"
+        if not self.identified:
+            text += "; BANDWIDTH NOT IDENTIFIED (times do not grow with the bytes): the median rate of the large copies"
         return text + ("" if self.within_limit else f"; RESIDUAL ABOVE THE {100 * FIT_LIMIT:.0f}% LIMIT: use with care")
 
     def to_dict(self) -> dict:
@@ -354,9 +357,9 @@ def fit_link(points: list[dict]) -> LinkFit:
     a = np.stack(cols, axis=1) / t[:, None] * np.sqrt(w)[:, None]  # rows scaled by 1/t: relative residuals
     sol = lsq_linear(a[big], np.sqrt(w[big]), bounds=(0.0, np.inf))
     inv_bw, piece_s = float(sol.x[1]), float(sol.x[2]) if per_piece else 0.0
-    if inv_bw <= 0 or 1.0 / inv_bw / GB > MAX_GBPS:
-        raise TiersimError(f"link fit: bandwidth not identified (came out {1.0 / max(inv_bw, 1e-30) / GB:.3g} GB/s: "
-                           "the times do not grow with the bytes)")
+    identified = inv_bw > 0 and 1.0 / inv_bw / GB <= MAX_GBPS
+    if not identified:  # the times do not grow with the bytes: the large copies' median rate, and the fit says so
+        inv_bw, piece_s = float(np.median(t[big] / b[big])), 0.0
     rest = t - b * inv_bw - pieces * piece_s
     ww = w / t**2  # least squares of (calls x latency + rest - t) / t over every size, latency >= 0
     latency_s = max(0.0, float(np.sum(ww * calls * rest) / np.sum(ww * calls**2)))
@@ -368,8 +371,8 @@ def fit_link(points: list[dict]) -> LinkFit:
     large = size >= BANDWIDTH_MIN_BYTES
     curve = [[int(x), float(x / y / GB)] for x, y in zip(b, t)]
     return LinkFit(latency_s * 1e6, 1.0 / inv_bw / GB, float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()), len(b),
-                   piece_s * 1e6, ci, float(np.sqrt(np.mean(rel[large] ** 2))) if large.sum() >= 2 else None, curve,
-                   len(drop))
+                   piece_s * 1e6, ci if identified else None,
+                   float(np.sqrt(np.mean(rel[large] ** 2))) if large.sum() >= 2 else None, curve, len(drop), identified)
 
 
 def fit_gather(points: list[dict]) -> LinkFit:

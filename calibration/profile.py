@@ -119,7 +119,8 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
     lat = _link_fit(fitted["h2d_pinned"])
     others = ", ".join(f"{k} {fitted[k]['latency_us']:.2f}" for k in ("d2h_pinned", "h2d_pageable", "d2h_pageable"))
     dma = (fitted.get("mechanisms") or {}).get("dma", {})
-    if lat.latency_us < 0.1 and dma.get("latency_us"):  # small copies ran from cache: one copy call's own cost
+    # Small copies that ran from cache leave the curve no latency: then one copy call's own cost, from dma.
+    if lat.latency_us < 0.1 and dma.get("latency_us") and dma.get("identified", True):
         put("copy_latency_us", dma["latency_us"], f"cost per call of the dma mechanism (one copy per piece, over piece "
             f"sizes and counts); the pinned H2D curve's latency ({lat.latency_us:.3f} us; {others} us for the other "
             f"curves) is below 0.1 us: its small copies ran from cache; {_link_fit(dma).residual()}",
@@ -178,7 +179,7 @@ def _mechanism_values(mech: dict, values: dict, sources: dict, where: str, marke
     """The copy mechanisms' optional constants (sim/copies.py) from their fits, where measured: the dma piece size
     at half the link rate, the batched copy's cost per piece, the gather kernel's share of the link."""
     dma, batched, kernel = mech.get("dma", {}), mech.get("dma-batched", {}), mech.get("gather-kernel", {})
-    if "latency_us" in dma and "copy_latency_us" in values:
+    if "latency_us" in dma and "copy_latency_us" in values and dma.get("identified", True):
         f = _link_fit(dma)
         extra_us = max(f.latency_us - values["copy_latency_us"], 1e-3)
         values["dma_half_size_kb"] = extra_us * 1e-6 * f.gbps * 1e9 / 1024
@@ -187,7 +188,7 @@ def _mechanism_values(mech: dict, values: dict, sources: dict, where: str, marke
                                        f"{f.residual()}")
         if not f.within_limit:
             marked.append("dma_half_size_kb")
-    if "piece_us" in batched:
+    if "piece_us" in batched and batched.get("identified", True):
         f = _link_fit(batched)
         values["dma_batch_descriptor_us"] = max(f.piece_us, 1e-3)
         sources["dma_batch_descriptor_us"] = (f"{where}, cost per piece of one batched copy of N pieces (fit of calls x "
@@ -195,7 +196,7 @@ def _mechanism_values(mech: dict, values: dict, sources: dict, where: str, marke
                                               + ("; floored at 0.001 us" if f.piece_us < 1e-3 else ""))
         if not f.within_limit:
             marked.append("dma_batch_descriptor_us")
-    if "gbps" in kernel and values.get("h2d_gbps_pinned"):
+    if "gbps" in kernel and values.get("h2d_gbps_pinned") and kernel.get("identified", True):
         f = _link_fit(kernel)
         values["gather_kernel_link_frac"] = min(1.0, f.gbps / values["h2d_gbps_pinned"])
         sources["gather_kernel_link_frac"] = (f"{where}, the zero-copy gather kernel's {f.gbps:.3g} GB/s over the pinned "

@@ -278,7 +278,8 @@ def deployment_options(config: str = SIM):
         option("--weight-dtype", "--quantization", "weight_dtype", type=Dtype(WEIGHT_DTYPES), default_from=config,
                show_default=False, metavar="DTYPE", hidden_opts=("--quantization",),
                help="Weight format of the decoder's matrices: bf16, fp16, fp8, int8, int4, mxfp4 (routed experts "
-                    "only, 4.25 bits) or auto (vLLM: --quantization) [default: --weight-bits if given, else the checkpoint's format, else the model's dtype]."),
+                    "only, 4.25 bits) or auto (vLLM: --quantization) [default: --weight-bits if given, else the "
+                    "checkpoint's format, else the model's dtype]."),
         option("--gpu-memory-utilization", type=float, default_from=config, show_default=False,
                help="Share of HBM the engine may use, in (0, 1] (vLLM's flag); given, it replaces --reserve-frac "
                     "with 1 - it [default: 1 - --reserve-frac]."),

@@ -104,8 +104,8 @@ def scaling(model, hardware, batches, contexts, weights, tps, strategies, paper,
 
     args = dict(model=_csv(model) or None, hardware=_csv(hardware) or "h200-sxm", policy=policy,
                 batches=_csv_ints("--batches", batches), contexts=_csv_ints("--context", contexts), weights=_weights(weights),
-                tps=_csv_ints("--tps", tps), strategies=tuple(_csv((strategies,))), paper=paper, steps=steps, trace=trace, depth=depth, pinned=pinned,
-                seed=seed, reserve_frac=reserve_frac)
+                tps=_csv_ints("--tps", tps), strategies=tuple(_csv((strategies,))), paper=paper, steps=steps, trace=trace,
+                depth=depth, pinned=pinned, seed=seed, reserve_frac=reserve_frac)
     with bar("scaling: simulated points") as advance:
         rows = api.scaling(**args, progress=advance)
     if out is not None:
@@ -247,15 +247,19 @@ def report(results: Path, out: Path, formats: tuple[str, ...], budget_pct: float
         help="Generated tokens per chain (GSM8K: ~2.5K for R1-Distill-Qwen-7B, DESIGN.md §4).")
 @option("--requests", type=int, default_from=PROTOTYPE, help="Chains served one after another at batch 1.")
 @option("--compute-ms", type=float, default_from=PROTOTYPE,
-        help="Compute per decode step, ms, pinned to the paper's measured forward (a third run uses the roofline).")
+        help="Compute per decode step, ms: the paper's measured forward (one run uses tiersim's roofline instead).")
 @trace_option
 @option("--hbm-ratio", type=float, default_from=PROTOTYPE, help="β: share of the GPU-resident candidates kept on the GPU.")
 @option("--evict-ratio", type=float, default_from=PROTOTYPE, help="r: share of the GPU-resident candidates evicted.")
 @json_option
 def reproduce_prototype(gen_tokens: int, requests: int, compute_ms: float, trace: Path | None, hbm_ratio: float,
                         evict_ratio: float, json_out: str | None) -> None:
-    """The authors' system prototype (R1-Distill-Qwen-7B int8, batch 1, RTX 5080, pageable copies): the paper's
-    figures beside tiersim's."""
+    """Reproduce the authors' system prototype: the paper's figures beside tiersim's.
+
+    R1-Distill-Qwen-7B in int8 at batch 1 on an RTX 5080, re-tiering only GPU-resident tokens (--eviction
+    prototype) and copying every DDR token back from pageable memory before each forward pass; run with compute
+    pinned to the paper's, with tiersim's roofline, and on chains whose DDR tier matches the paper's load.
+    """
     import dataclasses
 
     from tiersim import api

@@ -86,13 +86,14 @@ class ReplayConfig(RunConfig):
 
 def check_replayable_model(model: ModelSpec) -> None:
     """Refuse, naming `model`, what the replay's kernels do not run: experts, MLA, sliding-window layers."""
-    why = ("routed experts (MoE)" if model.moe is not None else
-           "multi-head latent attention (MLA)" if model.mla is not None else
-           "sliding-window layers" if model.sliding_layers else None)
-    if why is not None:
-        raise ConfigError("model", f"model {model.name} has {why}; the replay runs dense decoder layers with full "
-                                   f"attention over per-head K and V only (hw/kernels.py); accepted: a dense "
-                                   f"full-attention model (this one can be simulated: tiersim simulate)")
+    parts = [what for what, has in (("routed experts (MoE)", model.moe is not None),
+                                    ("multi-head latent attention (MLA)", model.mla is not None),
+                                    ("sliding-window layers", bool(model.sliding_layers))) if has]
+    if parts:
+        raise ConfigError("model", f"model {model.name} has {' and '.join(parts)}; the replay runs dense decoder "
+                                   f"layers with full attention over per-head K and V only (hw/kernels.py); "
+                                   f"accepted: a dense full-attention model (this one can be simulated: tiersim "
+                                   f"simulate)")
 
 
 def reduced_model(model: ModelSpec, layers: int | None) -> ModelSpec:

@@ -200,8 +200,11 @@ class Machine:
         try:
             while True:
                 try:
-                    yield env.timeout(max(0.0, job.left) / job.rate)
-                    break
+                    if job.rate > 0:
+                        yield env.timeout(max(0.0, job.left) / job.rate)
+                        break
+                    # Stopped outright (a copy takes all of the bandwidth it needs): wait for the next change.
+                    yield env.event()
                 except simpy.Interrupt:  # re-timed by _change
                     pass
         finally:

@@ -46,7 +46,7 @@ def account_memory(strategy: str | Strategy, w: Workload, cfg: SimConfig, tl: Ti
     if not s.applies_policy:
         full = fixed + held("blocks") + window
         return Memory(fixed, full, zeros, zeros, zeros, full)
-    resident = held("hbm_blocks") + compressed_factor(cfg.policy, m) * c("compressed") * kvt + window
+    resident = held("hbm_blocks") + compressed_factor(cfg.policy, m, g.kv_element_bytes) * c("compressed") * kvt + window
     if s.prefetches:  # a staging buffer holds one full-attention layer's copy
         staging = s.staging_buffers(cfg.depth, g.full_layers) * layer_bytes / g.full_share
     elif s.host_attends:  # each slot's query goes out and its partial output and log-sum-exp come back

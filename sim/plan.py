@@ -166,8 +166,10 @@ def bound_s(plan: StepPlan) -> np.ndarray:
     if s.fetches_per_layer and plan.serial_copies:  # copies on the compute stream run between the layers
         return compute + plan.layers * plan.h2d_layer_s
     if s.fetches_per_layer:
-        return np.maximum(compute, np.maximum(plan.layers * plan.h2d_layer_s, plan.d2h_bulk_s))
-    if s.host_attends:
+        # Demotions run on their own D2H stream and nothing in the step waits for them (the engine keeps them in
+        # flight and the memory account holds their bytes), so they bound no step; duplex only slows the fetch.
+        return np.maximum(compute, plan.layers * plan.h2d_layer_s)
+    if s.host_attends:  # the queries share the D2H stream with the demotions: a lagging demotion delays them
         host = plan.layers * (plan.query_d2h_s + plan.host_attention_s + plan.partial_h2d_s)
         return np.maximum(compute, np.maximum(host, plan.d2h_bulk_s))
     return compute

@@ -202,7 +202,7 @@ class Scheduler:
                                                                   remaining)
         context = computed + new
         hbm, ddr = self.kv_tokens(run, context)
-        hbm_blocks, ddr_blocks = bm.blocks(hbm), bm.blocks(ddr)
+        hbm_blocks, ddr_blocks = bm.hbm_blocks(hbm), bm.blocks(ddr)
         other_ddr = bm.ddr_used - int(bm.ddr[run].sum())  # swapped-out requests' host blocks
         preempted = 0
         if not bm.fits(int(hbm_blocks.sum()), int(ddr_blocks.sum()) + other_ddr, int(ddr.sum())):

@@ -167,7 +167,8 @@ def engine(cfg: ServeConfig, strategy: str, tables: tuple[np.ndarray, np.ndarray
     cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms, cfg.weight_bits, share=cfg.share,
                      copy=copy)
     capacity = kv_capacity(cfg.model, cfg.hardware, s, block_size=cfg.block_size, weight_bytes=cfg.weight_bytes,
-                           reserve_frac=cfg.reserve_frac, depth=cfg.depth, ddr_gb=cfg.ddr_gb_per_gpu)
+                           reserve_frac=cfg.reserve_frac, depth=cfg.depth, ddr_gb=cfg.ddr_gb_per_gpu,
+                           share=cfg.share)
     split = None
     if s.applies_policy:
         ddr, evicted = tables
@@ -176,7 +177,8 @@ def engine(cfg: ServeConfig, strategy: str, tables: tuple[np.ndarray, np.ndarray
         else:
             n, inner = len(ddr), table_split(ddr, evicted, np.arange(len(ddr)), keeps_ddr=s.keeps_ddr)
             split = lambda ids, prompt, context: inner(ids % n, prompt, context)  # noqa: E731
-    return Engine(s.name, capacity, CostStepTime(cost, s, cfg.block_size), split)
+    return Engine(s.name, capacity, CostStepTime(cost, s, cfg.block_size, page_size=cfg.policy.page_size,
+                                                    kv_layout=cfg.kv_layout), split)
 
 
 def length_specs(cfg: ServeConfig, trace: Trace) -> tuple[LengthSpec, LengthSpec]:

@@ -72,7 +72,7 @@ def run_summary(cfg: SimConfig, trace: Trace, workers: int | None) -> dict:
     return simulate_workload(cfg, run_workload(cfg, trace, workers)).summary
 
 
-def cap(cfg: SimConfig, batch: int) -> int:
+def capped_batch(cfg: SimConfig, batch: int) -> int:
     """`batch`, at most BATCH_CAP (or the run's batch when that is larger)."""
     return min(int(batch), max(cfg.batch, BATCH_CAP))
 
@@ -86,7 +86,7 @@ def feasible_full(cfg: SimConfig, summary: dict, trace: Trace, workers: int | No
     """
     full = replace(cfg, strategy=BASELINE.name)
     capacity = cfg.hardware.hbm_gb * GB
-    batch, tried = cap(cfg, summary["max_batch_full"]), []
+    batch, tried = capped_batch(cfg, summary["max_batch_full"]), []
     for _ in range(MAX_FULL_PROBES):
         if batch < 1:
             break
@@ -120,8 +120,8 @@ def alternatives(cfg: SimConfig, summary: dict, trace: Trace, workers: int | Non
     cut = replace(cfg, steps=min(CUT_STEPS, cfg.decode_steps))
     s = cfg.strategy_record
     at_max = None
-    if s.applies_policy and summary["max_batch"] >= 1 and cap(cfg, summary["max_batch"]) != cfg.batch:
-        c = replace(cut, batch=cap(cfg, summary["max_batch"]))
+    if s.applies_policy and summary["max_batch"] >= 1 and capped_batch(cfg, summary["max_batch"]) != cfg.batch:
+        c = replace(cut, batch=capped_batch(cfg, summary["max_batch"]))
         label = f"{cfg.strategy} at its largest fitting batch, {c.batch}" if c.batch == summary["max_batch"] else \
             f"{cfg.strategy} at batch {c.batch}, the most the comparison runs"
         at_max = measured(label, c, run_summary(c, trace, workers))

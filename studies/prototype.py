@@ -169,8 +169,8 @@ def prototype_config(gen_tokens: int = GSM8K_GEN_TOKENS, requests: int = 1, comp
         weight_bits=WEIGHT_BITS, fixed_compute_ms=compute_ms,
         # manage_cache tiers single tokens of one contiguous tensor per layer (K and V), trimmed token by
         # token: no blocks, so the tiering unit and the block are one token.
-        page_size=1, block_size=1,
-        policy=PolicyConfig(hbm_ratio=hbm_ratio, evict_ratio=evict_ratio, eviction="prototype"),
+        block_size=1,
+        policy=PolicyConfig(hbm_ratio=hbm_ratio, evict_ratio=evict_ratio, eviction="prototype", page_size=1),
     )
 
 

@@ -197,7 +197,7 @@ def capacity_row(s: Scenario, shares: TierShares, policy: PolicyConfig, reserve_
     kv_paper_gb = tokens * m.kv_bytes_per_token_paper / s.tp / GB
     weights_gb = g.weight_bytes / GB
     reserve_gb = reserve_frac * h.hbm_gb
-    off_hbm = shares.ddr + shares.evicted + (1.0 - compressed_factor(policy, m)) * shares.compressed
+    off_hbm = shares.ddr + shares.evicted + (1.0 - compressed_factor(policy, m, g.kv_element_bytes)) * shares.compressed
     need_full = weights_gb + reserve_gb + kv_gb
     saved_gb = kv_global_gb * off_hbm
     ddr_gb = kv_global_gb * shares.ddr

@@ -117,17 +117,25 @@ def search_hbm_ratio(cfg: SimConfig, target_overhead_pct: float, search_strategy
 
     for strategy, depth in search_combos(cfg, search_strategy):
         bisect_beta(lambda b, s=strategy, d=depth: evaluate(s, d, b), tolerance)
-    ok = [i for i, p in enumerate(frontier) if p.within_target]
-    if not ok:
+    within = [i for i, p in enumerate(frontier) if p.within_target]
+    if not within:
         least = min(frontier, key=lambda p: p.overhead_pct)
         return SearchResult(target, frontier, None, None,
                             f"no configuration keeps the overhead within {target:g}%: the lowest is "
                             f"{least.overhead_pct:.2f}% ({describe(least)}, which keeps every surviving token in HBM)")
+    # Only a configuration that fits in HBM is an answer: one that does not could not run.
+    ok = [i for i in within if frontier[i].fits]
+    if not ok:
+        least = min((frontier[i] for i in within), key=lambda p: p.hbm_peak_gb)
+        return SearchResult(target, frontier, None, None,
+                            f"no configuration within {target:g}% overhead fits in HBM: the smallest peak among them "
+                            f"is {least.hbm_peak_gb:.1f} GB of {cfg.hardware.hbm_gb:g} GB ({describe(least)}); "
+                            f"lower --batch or raise the target")
     best = max(ok, key=lambda i: (frontier[i].hbm_saved_gb, -frontier[i].overhead_pct, -i))
     p = frontier[best]
     return SearchResult(target, frontier, p, results[best],
                         f"{describe(p)} saves {p.hbm_saved_gb:.2f} GB of HBM at {p.overhead_pct:.2f}% overhead "
-                        f"(target {target:g}%; {'fits' if p.fits else 'does NOT fit'} in HBM)")
+                        f"(target {target:g}%; fits in HBM)")
 
 
 def bisect_beta(evaluate, tolerance: float) -> None:

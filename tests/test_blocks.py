@@ -98,3 +98,30 @@ def test_hbm_is_accounted_per_block(memory):
     assert mem.hbm_bytes[11] - mem.hbm_bytes[12] == block
     # What eviction alone would leave: block 1 still held (its tokens are in DDR, not evicted).
     assert mem.kept_bytes[12] - mem.hbm_bytes[12] == block
+
+
+# -- the KV pools of one GPU (sim/blocks.py) ----------------------------------------------------------------------
+def test_kv_capacity_is_one_gpus_share_of_the_deployment():
+    from tiersim.sim.blocks import BlockManager, kv_capacity
+
+    cfg = SimConfig(model="r1-llama-70b", hardware="h200-sxm", tp=2)
+    g = cfg.share
+    cap = kv_capacity(cfg.model, cfg.hardware, block_size=16, share=g)
+    # Half the weights and half the KV heads on each GPU: blocks of 16 tokens x 80 layers x 4 KV heads.
+    assert g.weight_bytes == pytest.approx(cfg.model.weight_bytes / 2, rel=1e-3)
+    assert cap.block_bytes == 16 * cfg.model.kv_bytes_per_token / 2
+    assert cap.hbm_blocks == int((cfg.hardware.hbm_gb * 1e9 * 0.9 - g.weight_bytes) // cap.block_bytes)
+    # fp8 KV: twice the blocks of bf16 in the same room.
+    fp8 = SimConfig(model="r1-llama-70b", hardware="h200-sxm", tp=2, kv_dtype="fp8")
+    assert kv_capacity(fp8.model, fp8.hardware, share=fp8.share).block_bytes == cap.block_bytes / 2
+    # A sliding-window model: blocks of the 18 full-attention layers; each sequence also holds its window's blocks.
+    oss = SimConfig(model="gpt-oss-120b", hardware="h200-sxm")
+    w = kv_capacity(oss.model, oss.hardware, "prefetch-layer", share=oss.share)
+    assert w.block_bytes == 16 * oss.share.kv_bytes_per_token_global == 16 * 18 * oss.model.kv_bytes_per_token_layer
+    assert (w.window, w.window_bytes_per_token) == (128, 18 * oss.model.kv_bytes_per_token_layer)
+    assert w.staging_per_ddr_token == pytest.approx(3 / 18)  # depth + 1 buffers of one full-attention layer
+    bm = BlockManager(w, 2)
+    # 100 tokens: 7 blocks, and 100 window tokens of 18 sliding layers = 100 / 16 blocks -> 7. 1,000 tokens: 63 + 8.
+    assert bm.hbm_blocks([100, 1000]).tolist() == [7 + 7, 63 + 8] and bm.blocks([100, 1000]).tolist() == [7, 63]
+    bm.allocate(np.array([0, 1]), np.array([100, 1000]), np.array([0, 500]))
+    assert (bm.hbm_used, bm.ddr_used) == (85, 32)  # the DDR tier holds no window

@@ -140,3 +140,22 @@ def test_the_tiering_unit_defaults_to_the_block():
     assert SimConfig(model="r1-qwen-7b", hardware="h200-sxm", block_size=64).policy.page_size == 64
     assert SimConfig(model="r1-qwen-7b", hardware="h200-sxm", policy=PolicyConfig(page_size=32)).policy.page_size == 32
     assert SimConfig(model="r1-qwen-7b", hardware="h200-sxm", block_size=1).policy.page_size == 1  # per token
+    # A given page_size of 1 is kept: per-token tiering inside 16-token blocks (--page-size 1 --block-size 16).
+    assert SimConfig(model="r1-qwen-7b", hardware="h200-sxm", policy=PolicyConfig(page_size=1)).policy.page_size == 1
+    # The prototype mode tiers tokens, as the authors' manage_cache did.
+    proto = PolicyConfig(eviction="prototype")
+    assert SimConfig(model="r1-qwen-7b", hardware="h200-sxm", policy=proto).policy.page_size == 1
+
+
+def test_the_simulator_and_the_replay_share_one_table_of_mechanisms():
+    from tiersim import copy_methods
+    from tiersim.hw import copies as hw_copies
+    from tiersim.sim import copies as sim_copies
+
+    assert sim_copies.COPY_METHODS is copy_methods.COPY_METHODS
+    assert sim_copies.COPY_METHOD_CHOICES == hw_copies.COPY_CHOICES == ("dma", "dma-batched", "gather-kernel",
+                                                                         "host-gather", "auto")
+    assert hw_copies.COPY_METHODS == copy_methods.PINNED_METHODS
+    # The replay runs on a CPU device every pinned mechanism but the zero-copy kernel (no mapped memory, no GPU).
+    assert hw_copies.CPU_METHODS == ("dma", "dma-batched", "host-gather")
+    assert [m.name for m in copy_methods.COPY_METHODS.values() if not m.pinned] == ["pageable"]

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from tiersim.errors import ConfigError
+from tiersim.errors import ConfigError, SpecError
 from tiersim.sim import SimConfig, simulate
 from tiersim.sim.costs import CostModel
 from tiersim.sim.plan import make_plan
@@ -230,3 +230,21 @@ def test_replace_keeps_the_deployment_checked():
     assert dataclasses.replace(cfg, tp=4).share.kv_bytes_per_token_layer == 2 * 1 * 128 * 2
     with pytest.raises(ConfigError, match="tp"):
         dataclasses.replace(cfg, tp=3)
+
+
+def test_attention_efficiency_and_step_overhead_load_from_a_profile(tmp_path):
+    text = H200.to_toml().split("\n[")[0].rstrip("\n")  # the fields, before any table
+    extra = ('\nattention_efficiency = { value = 0.8, source = "assumption: test" }\n'
+             'step_overhead_us = { value = 30.0, source = "assumption: test" }\n')
+    path = tmp_path / "h200-refined.toml"
+    path.write_text(text + extra)
+    hw = hardware_spec(path)
+    assert (hw.attention_efficiency, hw.step_overhead_us) == (0.8, 30.0)
+    m = model_spec("r1-qwen-7b")
+    plain, refined = CostModel(m, H200), CostModel(m, hw)
+    assert refined.attention_s(1e9, 1e9) == pytest.approx(plain.attention_s(1e9, 1e9) / 0.8, rel=1e-12)
+    assert refined.head_s(8.0) == pytest.approx(plain.head_s(8.0) + 30e-6, rel=1e-12)
+    assert hardware_spec(path).to_toml().count("attention_efficiency") == 1  # written back as it was read
+    path.write_text(text + extra.replace("0.8", "1.5"))
+    with pytest.raises(SpecError, match=r"'attention_efficiency' is 1.5; accepted: a share in \(0, 1\]"):
+        hardware_spec(path)

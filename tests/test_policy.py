@@ -112,6 +112,20 @@ def test_hand_computed_with_compressed_tier_and_pages():
     assert paged.index_sets(1)["ddr"].tolist() == [4, 5]
 
 
+def test_an_unset_page_is_the_block_in_a_run_and_a_token_on_its_own():
+    unset = PolicyConfig(hbm_ratio=0.5, evict_ratio=0.25, sinks=1, window=1, interval=2)
+    assert unset.page_size is None and unset.unit == 1
+    one = PolicyConfig(hbm_ratio=0.5, evict_ratio=0.25, sinks=1, window=1, interval=2, page_size=1)
+    # On its own (a live cache, `tiersim schedule`) an unset page tiers single tokens, exactly as page_size 1.
+    a, b = replay(hand_request(), unset), replay(hand_request(), one)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.moves_pos, b.moves_pos)
+    # Inside a run: the block; a given page (1 included) is kept; the prototype works per token.
+    assert unset.for_block_size(16).page_size == 16 and one.for_block_size(16).page_size == 1
+    assert PolicyConfig(page_size=32).for_block_size(16).page_size == 32
+    assert PolicyConfig(eviction="prototype").for_block_size(16).page_size == 1
+
+
 def test_sticky_mode_never_promotes():
     s = replay(hand_request(), PolicyConfig(hbm_ratio=0.5, evict_ratio=0.25, sinks=1, window=1, interval=2, sticky=True))
     # Position 3 was offloaded at re-tier 0 and its score froze at 0.4; it is not promoted.
@@ -146,7 +160,7 @@ configs = st.fixed_dictionaries(dict(
     window=st.integers(0, 24),
     interval=st.integers(1, 12),
     compressed_ratio=st.sampled_from([0.0, 0.0, 0.5]) | st.floats(0, 1),
-    page_size=st.sampled_from([1, 1, 2, 4, 16]),
+    page_size=st.sampled_from([None, 1, 2, 4, 16]),  # None: a policy on its own tiers tokens
     eviction=st.sampled_from(["target", "compound", "prototype"]),
     sticky=st.booleans(),
 )).map(_config)
@@ -197,7 +211,7 @@ def test_invariants_online_and_offline(cfg, seed, prompt, steps):
         assert np.all(tiers[ever_evicted[:length]] == EVICTED)
         ever_evicted[:length] |= tiers == EVICTED
         # A page moves as a whole.
-        n = cfg.page_size
+        n = cfg.unit
         first, stop = candidate_pages(cfg, prompt, length)
         pages = tiers[first * n: stop * n].reshape(-1, n)
         assert np.all(pages == pages[:, :1])

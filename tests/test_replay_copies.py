@@ -188,3 +188,42 @@ def test_every_mechanism_fills_the_staging_buffer_bit_for_bit(trace_path):
             assert out[len(st.gather):].isnan().all()  # nothing written past the staged rows
             outs.setdefault(method, []).append(out)
     assert all(len(v) == len(sets) for v in outs.values())
+
+
+@pytest.mark.parametrize("name, why", [("qwen3-30b-a3b", "routed experts"), ("deepseek-r1", "latent attention"),
+                                       ("gemma-3-270m", "sliding-window layers")])
+def test_models_the_replay_cannot_run_are_refused_by_name(name, why):
+    from tiersim.specs import model_spec
+
+    with pytest.raises(ConfigError, match=why) as e:
+        config(model=model_spec(name), chunk_tokens=16)
+    assert e.value.field == "model" and name in str(e.value)
+
+
+def test_the_tiering_unit_follows_the_block_as_in_the_simulator():
+    unset = dataclasses.replace(POLICY, page_size=None)
+    assert config(policy=unset).policy.page_size == BLOCK
+    assert config(policy=unset, block_size=8).policy.page_size == 8
+    assert config(policy=dataclasses.replace(POLICY, page_size=1)).policy.page_size == 1
+    with pytest.raises(ConfigError, match="do not nest") as e:
+        config(policy=dataclasses.replace(POLICY, page_size=3))
+    assert e.value.field == "block_size"
+
+
+def test_memory_need_counts_the_landing_and_re_tier_buffers(trace_path):
+    from tiersim.hw.memory import memory_need
+    from tiersim.workload.build import COL
+
+    cfg = config(policy=dataclasses.replace(POLICY, page_size=1))
+    w = workload(trace_path, cfg)
+    row = TINY.head_dim * TINY.dtype_bytes
+    staged = int(w.totals[:, COL["ddr"]].max()) * TINY.kv_heads
+    moved = (int(w.totals[:, COL["hbm_to_ddr"]].max()) + int(w.totals[:, COL["ddr_to_hbm"]].max())) * TINY.kv_heads
+    assert moved > 0 and staged > 0
+    cpu = memory_need(cfg, w)
+    assert cpu.device["landing"] == 0 and cpu.device["re-tier buffers"] == 2 * moved * row
+    assert "re-tier buffers" not in cpu.host  # the CPU device has no pinned side
+    # What the Copier allocates on CUDA (memory_need reads no device): dma lands the pieces, then reorders them.
+    cuda = memory_need(dataclasses.replace(cfg, device="cuda", copy_method="dma"), w)
+    assert cuda.device["landing"] == 2 * staged * row and cuda.host["re-tier buffers"] == 2 * moved * row
+    assert memory_need(dataclasses.replace(cfg, device="cuda"), w).device["landing"] == 0  # auto: no landing

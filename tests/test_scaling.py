@@ -214,7 +214,7 @@ def test_cli_scaling_json_has_the_papers_rows(trace_path, tmp_path):
     (["--batches", "1,x"], "--batches '1,x' invalid"),
     (["--batches", "0"], "batches: 0 is not an integer >= 1"),
     (["--context", " , "], "--context is empty"),
-    (["--weights", "fp8"], "weights ['fp8'] invalid"),
+    (["--weights", "fp8"], "--weight-bits 'fp8' invalid"),
     (["--strategies", "full"], "strategies ['full'] invalid"),
     (["--batches", "8,8"], "repeats a value"),
 ])

@@ -72,6 +72,16 @@ def test_none_exists_when_even_beta_one_is_over_the_target(trace_path, monkeypat
     assert r.to_dict()["found"] is False and r.to_dict()["summary"] is None
 
 
+def test_only_a_configuration_that_fits_is_chosen(trace_path, monkeypatch):
+    # Every β is within the target but none fits in HBM: the search answers none, and says why.
+    fake = types.SimpleNamespace(summary={"hbm_saved_gb": 0.1, "hbm_peak_gb": 150.0, "overhead_pct": 1.0,
+                                          "step_ms_mean": 5.0, "fits": False, "attention_mass_ddr": 0.0})
+    monkeypatch.setattr(search_module, "simulate", lambda cfg, workers=None: fake)
+    r = search_hbm_ratio(config(trace_path), TARGET)
+    assert r.chosen is None and r.result is None and all(p.within_target for p in r.frontier)
+    assert "no configuration within 5% overhead fits in HBM" in r.message and "150.0 GB of 141 GB" in r.message
+
+
 # -- the real search -----------------------------------------------------------------------------------
 def test_search_chooses_the_largest_saving_within_the_target(found):
     assert found.chosen is not None

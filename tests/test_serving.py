@@ -109,6 +109,16 @@ def test_cost_step_time_matches_make_plan_for_a_batch():
     assert got == pytest.approx(expected, rel=1e-12)
 
 
+def test_sliding_window_prefill_pairs_by_hand():
+    """A 300-token chunk after 100 cached tokens, window 128: queries 101..128 attend 101..128 keys, the other 272
+    attend 128 each: 3,206 + 34,816 = 38,022 pairs in a sliding layer; the estimate from totals is that exactly."""
+    cfg = SimConfig(model="gpt-oss-120b", hardware=HARDWARE)
+    step = CostStepTime(CostModel(cfg.model, HARDWARE, share=cfg.share))
+    chunk = dict(prefill_seqs=1, prefill_tokens=300, prefill_context_tokens=100, prefill_pairs=300 * 100 + 300 * 301 / 2)
+    assert step.compute_s(StepBatch(**chunk)) == step.compute_s(StepBatch(**chunk, prefill_window_pairs=38022))
+    assert step.compute_s(StepBatch(**chunk)) < step.compute_s(StepBatch(**chunk, prefill_window_pairs=40000))
+
+
 # ---- the scheduler, by hand ------------------------------------------------------------------------------------------
 
 def three_requests():
