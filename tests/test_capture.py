@@ -17,7 +17,7 @@ from tiersim.traces import capture_loop, hf
 from tiersim.traces.capture import capture_trace, partial_dir
 from tiersim.traces.capture_loop import CaptureConfig, capture_batch
 from tiersim.traces.capture_prompts import Prompt, extract_answer, read_prompts
-from tiersim.traces.default import default_trace_path
+from tiersim.traces.default import default_trace_path, small_trace_path
 from tiersim.traces.format import increments_length, read_trace
 from tiersim.traces.hf import SMOLLM2, load_model, resolve_model
 
@@ -456,9 +456,9 @@ def test_smollm2_capture_matches_generate(smollm2):
         assert c.request.row(0)[0] > 0.2  # SmolLM2 puts much of its attention on the first token (a sink)
 
 
-def test_default_trace_is_shipped_and_valid():
-    path = default_trace_path()
-    assert path.name == "default.tstrace" and path.stat().st_size <= 6 * 2**20
+def test_small_trace_is_shipped_and_valid():
+    path = small_trace_path()
+    assert path.name == "gsm16-512.tstrace" and path.stat().st_size <= 6 * 2**20
     tr = read_trace(path)
     tr.verify()
     assert tr.model["id"] == SMOLLM2 and tr.increments_dtype == "float16"
@@ -472,3 +472,17 @@ def test_default_trace_is_shipped_and_valid():
         assert np.abs(sums - 1).max() < 1e-3
     versions = tr.metadata["versions"]
     assert versions["torch"] and versions["transformers"] and versions["tiersim"]
+
+
+def test_default_trace_is_a_long_capture_so_the_default_run_is_not_synthetic():
+    path = default_trace_path()
+    assert path.name == "default.tstrace"
+    tr = read_trace(path)
+    tr.verify()
+    assert tr.model["id"] == SMOLLM2 and tr.increments_dtype == "float16" and tr.generation["temperature"] == 0.6
+    assert len(tr) == 2 and all(req.generated_tokens == 4096 and req.steps == 4095 for req in tr)
+    prompts = {p.id: p for p in read_prompts(PROMPTS_DIR / "gsm16.jsonl")}  # its first two
+    for req, info in zip(tr, tr.metadata["requests"]):
+        assert info["answer"] == prompts[info["id"]].answer and info["natural_length"] < 4096
+        sums = np.array([row.sum(dtype=np.float64) for row in req.rows(4000, 4095)])
+        assert np.abs(sums - 1).max() < 1e-3

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from tiersim.cli import cli
 from tiersim.errors import TiersimError
-from tiersim.traces.default import default_trace_path
+from tiersim.traces.default import small_trace_path
 from tiersim.traces.fit import (
     FIT_FIELDS,
     FitReport,
@@ -30,9 +30,9 @@ from tiersim.traces.synth import SynthParams, synth_request, write_synth_trace
 def captured(tmp_path_factory):
     """The shipped SmolLM2-135M capture; a synthetic stand-in (with a warning, not a skip) only if it is missing."""
     try:
-        return default_trace_path()
+        return small_trace_path()
     except TiersimError:
-        warnings.warn("traces/data/default.tstrace is missing: fitting a synthetic stand-in instead", stacklevel=1)
+        warnings.warn("traces/data/gsm16-512.tstrace is missing: fitting a synthetic stand-in instead", stacklevel=1)
         path = tmp_path_factory.mktemp("standin") / "standin.tstrace"
         params = SynthParams(sink_mass=0.3, generated_sink_share=0.0, recency_mass=0.45, heavy_fraction=0.02,
                              heavy_mass=0.2, heavy_lifetime_steps=400.0, background_jitter=0.8)
