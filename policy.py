@@ -13,6 +13,9 @@ Eviction modes: `target` (default: r of all candidates evicted in total, offload
 and promotable), `compound` (the authors' accuracy code: each round evicts r of the survivors) and
 `prototype` (the authors' system prototype, `manage_cache`: only HBM-resident candidates are re-tiered;
 a round with fewer than `PROTOTYPE_MIN_CANDIDATES` of them is skipped and is no re-tier point).
+
+One concept past ~400 lines: the online step and the offline replay share one state machine, and
+the three eviction modes are branches of its re-tier; splitting them would put the semantics in two places.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ pass (the prompt seeds the policy, a decode token steps it). Such a cache works 
 the generation config as usual) or `decode` below. A cache built directly,
 `TieredCache(policy, num_layers)`, is driven by hand: run the prompt with `output_attentions=True`,
 call `cache.start(out.attentions)`, then `cache.observe(out.attentions)` after every one-token forward.
+
+One concept past ~400 lines: a transformers Cache subclass must implement the whole Cache protocol
+(update, lengths, masks, hooks for generate()); its quantiser already lives in hw/tiered_cache_quant.py.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ A copy runs at its plain rate, or at its duplex rate while the other direction c
 runs at the product of the slow-down factors of the copies running beside it (a gather kernel's
 SMs, every copy's HBM traffic: see sim/plan.py), and the time it loses is the step's interference.
 A copy issued on the compute stream (pageable memory) runs between the layers, never beside them.
+
+One concept at ~400 lines: the machine's fluid jobs (copies and compute re-timed at every change) and
+the actor processes that use them are one timeline.
 """
 
 from __future__ import annotations

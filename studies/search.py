@@ -9,6 +9,9 @@ policy schedule comes from the cache. Every simulated point is kept: the frontie
 `advise` compares, each at its throughput-best batch, `full`, the tiered strategies and
 `evict-only`: batches are powers of two up to the largest that fits (the summary's `max_batch`
 estimate), then a bisection up to the first batch that does not fit or breaks the SLO.
+
+One concept past ~400 lines: the β bisection and `advise` share the frontier points and their
+fits-in-HBM rule (only configurations that fit are answers).
 """
 
 from __future__ import annotations

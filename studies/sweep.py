@@ -10,6 +10,9 @@ one-row parquet part in a hidden `.RESULTS.partial/` folder beside RESULTS; at t
 sweep so loses at most the points in flight, and `resume=True` skips every point that has an
 `ok` row already (failed points are retried). One point per distinct policy replay runs first, so
 that the schedule cache (workload/cache.py) serves the rest.
+
+One concept past ~400 lines: grid parsing, point identity, the two engines (process pool, Dask) and
+the incremental parquet merge are the one resumable-sweep contract; each part is tested through it.
 """
 
 from __future__ import annotations

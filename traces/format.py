@@ -12,6 +12,9 @@ Layout (all integers little-endian):
 Data come first so a writer can stream requests and write the header (which holds every
 array's offset, dtype, shape and crc32) once at the end; the preamble is patched last.
 Opening a trace reads only the preamble, trailer and header.
+
+One concept past ~400 lines: the on-disk container (preamble, arrays, header, trailer, CRCs) is read
+and written by the same layout constants; keeping reader and writer together keeps them in step.
 """
 
 from __future__ import annotations
