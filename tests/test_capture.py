@@ -486,3 +486,15 @@ def test_default_trace_is_a_long_capture_so_the_default_run_is_not_synthetic():
         assert info["answer"] == prompts[info["id"]].answer and info["natural_length"] < 4096
         sums = np.array([row.sum(dtype=np.float64) for row in req.rows(4000, 4095)])
         assert np.abs(sums - 1).max() < 1e-3
+
+
+def test_gemma3_trace_is_shipped_and_valid():
+    # A real capture of a model with sliding-window layers (traces/data/README.md).
+    path = Path(default_trace_path()).with_name("gemma3-270m-gsm4-256.tstrace")
+    tr = read_trace(path)
+    tr.verify()
+    assert tr.model["architecture"] == "Gemma3ForCausalLM" and tr.model["shape"]["layers"] == 18
+    assert len(tr) == 4 and all(req.generated_tokens == 256 for req in tr)
+    for req in tr:
+        sums = np.array([row.sum(dtype=np.float64) for row in req.rows()])
+        assert np.abs(sums - 1).max() < 1e-3
