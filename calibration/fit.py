@@ -3,6 +3,10 @@
 - Compute, per kernel kind: time = Σ_groups max(bytes / B, FLOPs / F) + launches x c, the cost model's
   roofline (sim/costs.py). A whole layer has two groups (its matmuls; its attention) and one launch cost;
   the lm_head one group and one launch; a lone GEMM or attention kernel one group and one fixed cost.
+  The profile's layer fit adds the cost model's two refinements as parameters in [0.01, 1]: the
+  attention group's share of the roofline (attention_efficiency) and the share of the shorter of
+  memory and FLOP time hidden under the longer (roofline_overlap: max + (1 - share) x min; a CPU
+  core streaming weights while it multiplies hides only part of one under the other).
   Fitted with scipy.optimize.least_squares on weighted log-time residuals, B, F > 0 and 0 <= c <=
   the measured no-op (the launch of a layer with nothing to compute: hw/calibrate.py), so that a
   fit can never buy a residual with a launch cost the machine does not have. The profile's constants
@@ -34,6 +38,7 @@ GB = 1e9
 FIT_LIMIT = 0.15  # rms relative residual above which a fit is marked in the profile
 BANDWIDTH_MIN_BYTES = 1 << 20  # copies this large set the bandwidth; smaller ones only the latency
 MAX_GBPS = 1e4  # a fitted rate above 10 TB/s is not a host link or memory: the bandwidth was not identified
+EFF_MIN = 0.01  # lowest attention efficiency a fit may return (a share of the roofline, never 0)
 FLAGGED_WEIGHT = 0.25  # weight of a flagged point when too few unflagged ones remain to drop it
 Z95 = 1.959964
 
@@ -79,9 +84,18 @@ class Work:
     weight: np.ndarray  # [n]
     labels: tuple[str, ...] = ()  # which shape (or kernel) each point is
 
-    def predict(self, bw: float, flops: float, fixed_s: float) -> np.ndarray:
-        """Roofline time of every point."""
-        return np.maximum(self.bytes / bw, self.flops / flops).sum(axis=1) + self.launches * fixed_s
+    def predict(self, bw: float, flops: float, fixed_s: float, attention_eff: float = 1.0,
+                overlap: float = 1.0) -> np.ndarray:
+        """Roofline time of every point as sim/costs.py takes it: per group the longer of memory and FLOP time plus
+        the (1 - overlap) of the shorter not hidden; the second group (a layer's attention) at `attention_eff`."""
+        memory, compute = self.bytes / bw, self.flops / flops
+        groups = np.maximum(memory, compute)
+        if overlap != 1.0:
+            groups = groups + (1.0 - overlap) * np.minimum(memory, compute)
+        if attention_eff != 1.0 and groups.shape[1] > 1:
+            groups = groups.copy()
+            groups[:, 1] /= attention_eff
+        return groups.sum(axis=1) + self.launches * fixed_s
 
     @staticmethod
     def join(parts: list[Work]) -> Work:
@@ -109,6 +123,10 @@ class RooflineFit:
     points: int
     dropped: int = 0
     residual_by_label: dict[str, float] = field(default_factory=dict)  # rms relative residual per shape / kernel
+    attention_eff: float | None = None  # the attention group's share of the roofline, where fitted (else 1)
+    attention_eff_ci: tuple[float, float] | None = None
+    overlap: float | None = None  # share of the shorter of memory and FLOP time hidden, where fitted (else 1)
+    overlap_ci: tuple[float, float] | None = None
 
     @property
     def within_limit(self) -> bool:
@@ -127,8 +145,12 @@ class RooflineFit:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-def fit_roofline(work: Work, fixed_max_s: float | None = None) -> RooflineFit:
-    """Fit (B, F, c) with B, F > 0 and 0 <= c <= fixed_max_s to the points of `work` (weighted log residuals).
+def fit_roofline(work: Work, fixed_max_s: float | None = None, attention_eff: bool = False,
+                 overlap: bool = False) -> RooflineFit:
+    """Fit (B, F, c) with B, F > 0 and 0 <= c <= fixed_max_s to the points of `work` (weighted log residuals);
+    with `attention_eff`, also the attention group's share e of the roofline, EFF_MIN <= e <= 1 (sim/costs.py's
+    attention_efficiency): the attention kernels' own rate relative to the matmuls', at one B and F; with
+    `overlap`, also the share o of the shorter of memory and FLOP time hidden, EFF_MIN <= o <= 1 (roofline_overlap).
 
     The 95% intervals come from the Jacobian (residual variance x (JᵀJ)⁻¹): they widen with noise, and are
     approximate where the roofline's max() switches regime near the data (on synthetic 5% noise they cover the
@@ -139,22 +161,28 @@ def fit_roofline(work: Work, fixed_max_s: float | None = None) -> RooflineFit:
     sw = np.sqrt(work.weight)
     c_hi = float(t.min()) if fixed_max_s is None else max(float(fixed_max_s), 1e-12)
 
+    extra = [name for name, on in (("attention_eff", attention_eff), ("overlap", overlap)) if on]
+
     def resid(z):
-        return sw * np.log(work.predict(math.exp(z[0]), math.exp(z[1]), z[2]) / t)
+        more = dict(zip(extra, z[3:]))
+        return sw * np.log(work.predict(math.exp(z[0]), math.exp(z[1]), z[2], **more) / t)
 
     bw0 = float(np.max(work.bytes.sum(axis=1) / t))  # the best any point reached, as if bandwidth-bound
     fl0 = float(np.max(work.flops.sum(axis=1) / t))
-    lo = [math.log(bw0) - 7, math.log(fl0) - 7, 0.0]
-    hi = [math.log(bw0) + 7, math.log(fl0) + 7, c_hi]
+    lo = [math.log(bw0) - 7, math.log(fl0) - 7, 0.0] + [EFF_MIN] * len(extra)
+    hi = [math.log(bw0) + 7, math.log(fl0) + 7, c_hi] + [1.0] * len(extra)
     best = None
     for scale in (0.7, 1.0, 1.5):
         for c0 in (0.0, 0.5 * c_hi):
-            z0 = np.array([math.log(bw0 * scale), math.log(fl0 * scale), min(c0, c_hi)])
-            sol = least_squares(resid, z0, bounds=(lo, hi), x_scale=[1.0, 1.0, max(c_hi, 1e-9)], method="trf")
-            if best is None or sol.cost < best.cost:
-                best = sol
+            for e0 in ((0.3, 0.9) if extra else (None,)):
+                z0 = np.array([math.log(bw0 * scale), math.log(fl0 * scale), min(c0, c_hi)] + [e0] * len(extra))
+                sol = least_squares(resid, z0, bounds=(lo, hi), method="trf",
+                                    x_scale=[1.0, 1.0, max(c_hi, 1e-9)] + [0.1] * len(extra))
+                if best is None or sol.cost < best.cost:
+                    best = sol
     bw, fl, c = math.exp(best.x[0]), math.exp(best.x[1]), float(best.x[2])
-    rel = work.predict(bw, fl, c) / t - 1.0
+    got = {name: float(v) for name, v in zip(extra, best.x[3:])}
+    rel = work.predict(bw, fl, c, **got) / t - 1.0
     sd = _param_sd(best.jac, best.fun, n)
     lo_z, hi_z = best.x - Z95 * sd, best.x + Z95 * sd
     ci = lambda i, f: (f(lo_z[i]), f(hi_z[i]))  # noqa: E731
@@ -163,7 +191,9 @@ def fit_roofline(work: Work, fixed_max_s: float | None = None) -> RooflineFit:
           for lab in dict.fromkeys(work.labels)}
     return RooflineFit(bw / GB, fl / 1e12, c * 1e6, None if fixed_max_s is None else fixed_max_s * 1e6,
                        ci(0, lambda z: math.exp(z) / GB), ci(1, lambda z: math.exp(z) / 1e12), c_ci,
-                       float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()), n, residual_by_label=by)
+                       float(np.sqrt(np.mean(rel**2))), float(np.abs(rel).max()), n, residual_by_label=by,
+                       **{k: got[k] for k in extra},
+                       **{f"{k}_ci": (max(EFF_MIN, lo_z[i]), min(1.0, hi_z[i])) for i, k in enumerate(extra, 3)})
 
 
 def _param_sd(jac: np.ndarray, fun: np.ndarray, n: int) -> np.ndarray:
@@ -224,6 +254,10 @@ class ComputeFit:
     dropped: int = 0
     shapes: tuple[str, ...] | list = ()
     residual_by_shape: dict = field(default_factory=dict)
+    attention_efficiency: float | None = None  # the attention group's share of the roofline, where fitted
+    attention_efficiency_ci: tuple[float, float] | list | None = None
+    roofline_overlap: float | None = None  # share of the shorter of memory and FLOP time hidden, where fitted
+    roofline_overlap_ci: tuple[float, float] | list | None = None
 
     @property
     def within_limit(self) -> bool:
@@ -249,8 +283,11 @@ def fit_compute(model: ModelSpec, layers: list[dict], head: list[dict], launch_m
 
 
 def fit_compute_shapes(shapes: list[tuple[ModelSpec, list[dict], list[dict]]],
-                       launch_max_s: float | None = None) -> ComputeFit:
-    """One (bandwidth, FLOP rate, launch) over the whole-layer and lm_head timings of several shapes."""
+                       launch_max_s: float | None = None, attention_efficiency: bool = False,
+                       roofline_overlap: bool = False) -> ComputeFit:
+    """One (bandwidth, FLOP rate, launch) over the whole-layer and lm_head timings of several shapes; with
+    `attention_efficiency`, also the attention's share of that roofline, with `roofline_overlap` the share of the
+    shorter of memory and FLOP time hidden (the cost model's optional fields of the same names)."""
     parts, dropped = [], 0
     for model, layers, head in shapes:
         points = list(layers) + list(head)
@@ -262,15 +299,17 @@ def fit_compute_shapes(shapes: list[tuple[ModelSpec, list[dict], list[dict]]],
     work = Work.join(parts)
     if len(work.time) < 3:
         raise TiersimError(f"compute fit needs at least 3 timings, got {len(work.time)}")
-    f = fit_roofline(work, launch_max_s)
+    f = fit_roofline(work, launch_max_s, attention_efficiency, roofline_overlap)
     return ComputeFit(f.gbps, f.tflops, f.fixed_us, f.rms_rel, f.max_rel, f.points, f.fixed_max_us, f.gbps_ci,
-                      f.tflops_ci, f.fixed_us_ci, dropped, tuple(m.name for m, _, _ in shapes), f.residual_by_label)
+                      f.tflops_ci, f.fixed_us_ci, dropped, tuple(m.name for m, _, _ in shapes), f.residual_by_label,
+                      f.attention_eff, f.attention_eff_ci, f.overlap, f.overlap_ci)
 
 
 def check_shape(fit: ComputeFit, model: ModelSpec, layers: list[dict], head: list[dict]) -> dict:
     """A held-out shape predicted by a fit: per-point relative errors and their rms."""
     w = layer_work(model, layers, head)
-    rel = w.predict(fit.hbm_gbps * GB, fit.tflops * 1e12, fit.launch_us * 1e-6) / w.time - 1.0
+    rel = w.predict(fit.hbm_gbps * GB, fit.tflops * 1e12, fit.launch_us * 1e-6, fit.attention_efficiency or 1.0,
+                    fit.roofline_overlap or 1.0) / w.time - 1.0
     return {"shape": model.name, "points": len(rel), "rms_rel": float(np.sqrt(np.mean(rel**2))),
             "max_rel": float(np.abs(rel).max()), "errors_pct": (100 * rel).round(2).tolist()}
 

@@ -58,7 +58,7 @@ def fits(raw: dict) -> dict:
     out = {name: fit_link(points).to_dict() for name, points in raw["copies"].items()}
     out["gather"] = fit_gather(raw["gather"] + raw.get("gather_rows", [])).to_dict()
     fitted, held = shapes_of(raw, "fitted"), shapes_of(raw, "held_out")
-    compute = fit_compute_shapes(fitted, launch_bound_s(raw))
+    compute = fit_compute_shapes(fitted, launch_bound_s(raw), attention_efficiency=True, roofline_overlap=True)
     out["compute"] = compute.to_dict()
     out["held_out"] = [check_shape(compute, *s) for s in held]
     model = ModelSpec.from_dict(raw["model"])
@@ -133,7 +133,8 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
     put("duplex_factor", min(1.0, max(dup["factor"], 1e-3)),
         f"H2D and D2H of {dup['bytes'] // (1 << 20)} MiB at once ({'two host threads' if cpu else 'two CUDA streams'}):"
         f" each direction keeps {dup['factor_h2d']:.2f} (H2D) and {dup['factor_d2h']:.2f} (D2H) of its bandwidth alone; "
-        "mean, capped at 1")
+        "mean, capped at 1" + (f"; SPREAD FLAGGED: {dup['reason']}" if dup.get("flagged") else ""),
+        not dup.get("flagged"))
     shapes = ", ".join(c.shapes) or ModelSpec.from_dict(raw["model"]).name
     put("hbm_gbps_effective", c.hbm_gbps,
         f"B of the cost model's layer roofline fitted (scipy least_squares, weighted log residuals) to whole "
@@ -147,6 +148,7 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
     put("launch_us", max(c.launch_us, 0.01), f"per-layer constant of the same fit (kernel launches"
         f"{' and Python dispatch' if cpu else ''}){bound}; 95% interval {_ci(c.launch_us_ci)} us; {c.residual()}"
         + ("; the fit put it at its bound 0, floored at 0.01 us" if c.launch_us < 0.01 else ""), c.within_limit)
+    _structure_values(raw, fitted, put)
     g = _link_fit(fitted["gather"])
     per_row = f", {g.piece_us * 1e3:.1f} ns per row" if g.piece_us else ""
     put("ddr_gbps", 2 * g.gbps,
@@ -173,6 +175,35 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
                      f"{label} measured {info['date']} on {info['host']}"),
         link=("none: CPU device, copies are host memcpy" if cpu else (sheet.link if sheet else "host link (measured)")),
         **values, sources=sources, fit=fit_table(fitted, marked))
+
+
+def _structure_values(raw: dict, fitted: dict, put) -> None:
+    """The cost model's per-kind refinements (sim/costs.py): attention_efficiency from the layer fit's attention
+    group (cross-checked against the per-kind sweeps) and step_overhead_us from the replay's no-op steps."""
+    c = ComputeFit(**fitted["compute"])
+    kinds = fitted.get("kinds") or {}
+    if c.attention_efficiency is not None:
+        check = ""
+        if "attention" in kinds and "matmul" in kinds:
+            att, mm = kinds["attention"], kinds["matmul"]
+            check = (f"; per-kind cross-check: the attention sweep streams KV at {att['gbps']:.3g} GB/s "
+                     f"({100 * att['rms_rel']:.1f}% rms), the GEMM sweep weights at {mm['gbps']:.3g} GB/s "
+                     f"({100 * mm['rms_rel']:.1f}% rms), ratio {att['gbps'] / mm['gbps']:.2f}")
+        put("attention_efficiency", c.attention_efficiency,
+            f"share of the layer roofline the attention group reaches: the 4th parameter of the same fit as "
+            f"hbm_gbps_effective (held in [0.01, 1]; 95% interval {_ci(c.attention_efficiency_ci)}){check}; "
+            f"{c.residual()}", c.within_limit)
+    if c.roofline_overlap is not None:
+        put("roofline_overlap", c.roofline_overlap,
+            f"share of the shorter of each kernel group's memory and FLOP time hidden under the longer (max + "
+            f"(1 - share) x min): the 5th parameter of the same fit as hbm_gbps_effective (held in [0.01, 1]; 95% "
+            f"interval {_ci(c.roofline_overlap_ci)}); {c.residual()}", c.within_limit)
+    over = (raw.get("launch") or {}).get("step_overhead")
+    if over and over.get("overhead_us"):  # 0: nothing measurable outside the layers, the field stays absent
+        put("step_overhead_us", over["overhead_us"],
+            f"the replay's decode step of a no-op model (strategy full, batch 1, median over its steps) with 1 layer "
+            f"({1e3 * over['step_1_layer_s']:.3f} ms) less one layer (half the 3-layer step's excess, "
+            f"{1e3 * over['layer_s']:.3f} ms) less the no-op lm_head; a difference of medians, no fit residual")
 
 
 def _mechanism_values(mech: dict, values: dict, sources: dict, where: str, marked: list[str]) -> None:
@@ -215,6 +246,9 @@ def fit_table(fitted: dict, marked: list[str]) -> dict:
         table["held_out_rms_pct"] = {h["shape"]: round(100 * h["rms_rel"], 2) for h in fitted["held_out"]}
     if c.get("launch_max_us") is not None:
         table["launch_bound_us"] = round(c["launch_max_us"], 3)
+    refinements = {k: round(c[k], 4) for k in ("attention_efficiency", "roofline_overlap") if c.get(k) is not None}
+    if refinements:  # the cost model's optional compute fields, fitted with the layer roofline
+        table["compute_refinements"] = refinements
     kinds = {k: {"gbps": round(v["gbps"], 4), "tflops": round(v["tflops"], 5), "fixed_us": round(v["fixed_us"], 3),
                  "rms_pct": round(100 * v["rms_rel"], 2)} for k, v in (fitted.get("kinds") or {}).items()}
     if kinds:
@@ -278,10 +312,13 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     """(field, value, how) rows for the CLI table."""
     p = cal.profile
     rows = []
-    for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "h2d_gbps_pinned", "d2h_gbps_pinned",
+    for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "attention_efficiency", "step_overhead_us",
+                "roofline_overlap", "h2d_gbps_pinned", "d2h_gbps_pinned",
                 "h2d_gbps_pageable", "d2h_gbps_pageable", "copy_latency_us", "duplex_factor", "ddr_gbps", "hbm_gb",
                 "ddr_gb", "hbm_gbps_spec", "bf16_tflops_spec"):
         value = getattr(p, key)
+        if value is None:  # an optional refinement the calibration did not measure
+            continue
         residual = re.search(r"fit residual [^;]*(; RESIDUAL ABOVE[^;]*)?", p.sources[key])
         rows.append((key, f"{value:.4g}", residual.group(0) if residual else p.sources[key].split(", ")[-1][:60]))
     return rows

@@ -71,58 +71,71 @@ def copy_curve(device, direction: str, pinned: bool, sizes=COPY_SIZES, repeats: 
 
 
 def duplex(device, nbytes: int = 64 * MIB, repeats: int = 5) -> dict:
-    """Both directions at once: each direction's bandwidth with the other busy, over its bandwidth alone.
+    """Both directions at once: each direction's bandwidth with the other busy, over its bandwidth alone; every
+    timing through time_op, so its CV and interval are recorded and a wide spread is flagged.
 
-    CUDA: pinned H2D and D2H on two streams; CPU: two threads, each copying between its own host buffers.
+    CUDA: pinned H2D and D2H on two streams, the pair timed together; CPU: each direction timed on the measuring
+    thread while a second thread copies the other direction between its own host buffers without pause.
     """
-    import torch
-
     h2d, d2h = _copy_fn("h2d", nbytes, True, device), _copy_fn("d2h", nbytes, True, device)
     alone_h, alone_d = time_op(h2d, device, repeats=repeats, inner=1), time_op(d2h, device, repeats=repeats, inner=1)
-    both_h, both_d = [], []
     if device.type == "cuda":
-        s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
-        for _ in range(repeats + 1):
-            e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            torch.cuda.synchronize(device)
-            with torch.cuda.stream(s1):
-                e[0].record()
-                h2d()
-                e[1].record()
-            with torch.cuda.stream(s2):
-                e[2].record()
-                d2h()
-                e[3].record()
-            torch.cuda.synchronize(device)
-            both_h.append(e[0].elapsed_time(e[1]) * 1e-3)
-            both_d.append(e[2].elapsed_time(e[3]) * 1e-3)
+        both_h, both_d, pair = _duplex_cuda(h2d, d2h, device, repeats)
+        timings = {"h2d_alone": alone_h, "d2h_alone": alone_d, "pair": pair}
     else:
-        for _ in range(repeats + 1):
-            h, d = _concurrently(h2d, d2h)
-            both_h.append(h)
-            both_d.append(d)
-    both_h, both_d = float(np.median(both_h[1:])), float(np.median(both_d[1:]))
+        both_h_t, both_d_t = _with_other_busy(h2d, d2h, device, repeats), _with_other_busy(d2h, h2d, device, repeats)
+        both_h, both_d = both_h_t.median_s, both_d_t.median_s
+        timings = {"h2d_alone": alone_h, "d2h_alone": alone_d, "h2d_both": both_h_t, "d2h_both": both_d_t}
     factor_h, factor_d = alone_h.median_s / both_h, alone_d.median_s / both_d
+    flagged = [f"{k}: {t.reason}" for k, t in timings.items() if t.flagged]
     return {"bytes": nbytes, "h2d_alone_s": alone_h.median_s, "d2h_alone_s": alone_d.median_s,
             "h2d_both_s": both_h, "d2h_both_s": both_d, "factor_h2d": factor_h, "factor_d2h": factor_d,
-            "factor": float(min(1.0, (factor_h + factor_d) / 2))}
+            "factor": float(min(1.0, (factor_h + factor_d) / 2)), "flagged": bool(flagged), "reason": "; ".join(flagged),
+            "timings": {k: t.to_dict() for k, t in timings.items()}}
 
 
-def _concurrently(f, g) -> tuple[float, float]:
-    """Run f and g in two threads at once; seconds each took."""
-    times = {}
+def _with_other_busy(f, other, device, repeats: int):
+    """time_op of f on the measuring thread while a second thread (started before the pinning, so free to take the
+    other core) calls `other` without pause."""
+    stop = threading.Event()
 
-    def run(name, fn):
-        t = time.perf_counter()
-        fn()
-        times[name] = time.perf_counter() - t
+    def loop():
+        while not stop.is_set():
+            other()
 
-    threads = [threading.Thread(target=run, args=("f", f)), threading.Thread(target=run, args=("g", g))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return times["f"], times["g"]
+    worker = threading.Thread(target=loop, daemon=True)
+    worker.start()
+    try:
+        return time_op(f, device, repeats=repeats, inner=1)
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _duplex_cuda(h2d, d2h, device, repeats: int):
+    """H2D and D2H on two streams at once, the pair timed by time_op; each direction's median from its own events."""
+    import torch
+
+    s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    both_h, both_d = [], []
+
+    def pair():
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        with torch.cuda.stream(s1):
+            e[0].record()
+            h2d()
+            e[1].record()
+        with torch.cuda.stream(s2):
+            e[2].record()
+            d2h()
+            e[3].record()
+        torch.cuda.synchronize(device)
+        both_h.append(e[0].elapsed_time(e[1]) * 1e-3)
+        both_d.append(e[2].elapsed_time(e[3]) * 1e-3)
+
+    timing = time_op(pair, device, warmup=1, repeats=repeats, inner=1)
+    # the first call was time_op's warm-up: its per-direction times are left out
+    return float(np.median(both_h[1:])), float(np.median(both_d[1:])), timing
 
 
 class Rotation:

@@ -5,9 +5,11 @@ A kernel's time is its roofline, max(bytes / effective HBM bandwidth, FLOPs / ef
 taken per kernel group (the layer's matmuls, then its attention) plus a per-layer launch cost; sizes
 are one GPU's share of the deployment (sim/shard.py: TP-split heads and weights, experts touched at
 this batch, MLA attention in the absorbed form), and under TP each layer adds its two all-reduces
-over NVLink. Two optional profile fields refine the roofline where measured: `attention_efficiency`
-(share of the roofline attention kernels reach; 1.0 when absent) and `step_overhead_us` (sampling and
-scheduling per decode step; 0 when absent).
+over NVLink. Three optional profile fields refine the roofline where measured: `attention_efficiency`
+(share of the roofline attention kernels reach; 1.0 when absent), `step_overhead_us` (sampling and
+scheduling per decode step; 0 when absent) and `roofline_overlap` (share o of the shorter of a kernel's
+memory and FLOP times hidden under the longer: max + (1 - o) x min; 1, the plain max, when absent; a CPU
+core streaming weights while it multiplies hides only part).
 A copy moves pieces of DDR-tier KV by a mechanism (sim/copies.py: dma, dma-batched, gather-kernel,
 host-gather, pageable), each with its per-call, per-piece and bandwidth terms; without one it costs a
 per-copy latency plus bytes / link bandwidth (the link-rate bound). The host's work (gathers, host
@@ -67,6 +69,17 @@ class CostModel:
         return _profile_value(self.hw, "step_overhead_us", 0.0) * 1e-6
 
     @property
+    def roofline_overlap(self) -> float:
+        """Share of the shorter of memory and FLOP time hidden under the longer (profile `roofline_overlap`; 1.0)."""
+        return _profile_value(self.hw, "roofline_overlap", 1.0)
+
+    def roofline(self, memory_s: np.ndarray, flops_s: np.ndarray) -> np.ndarray:
+        """A kernel's time from its memory and FLOP times: the longer, plus the part of the shorter not hidden."""
+        longer = np.maximum(memory_s, flops_s)
+        overlap = self.roofline_overlap
+        return longer if overlap == 1.0 else longer + (1.0 - overlap) * np.minimum(memory_s, flops_s)
+
+    @property
     def hbm_bytes_per_s(self) -> float:
         """Effective HBM bandwidth in bytes/s."""
         return self.hw.hbm_gbps_effective * GB
@@ -87,7 +100,7 @@ class CostModel:
         tokens = np.asarray(tokens, dtype=np.float64)
         weights = self.share.layer_weight_bytes(tokens)
         flops = self.share.layer_flops_per_token * tokens
-        return np.maximum(weights / self.hbm_bytes_per_s, flops / self.flops_per_s)
+        return self.roofline(weights / self.hbm_bytes_per_s, flops / self.flops_per_s)
 
     def allreduce_s(self, tokens: np.ndarray) -> np.ndarray:
         """One layer's two TP all-reduces over NVLink (ring: 2(tp-1)/tp of the bytes per GPU, plus a fixed cost
@@ -115,14 +128,14 @@ class CostModel:
         """One layer's attention on one GPU: read `kv_bytes` of KV; QK^T and AV over `pairs` (query, key) pairs for
         this GPU's heads (MLA in the absorbed form); at the profile's attention efficiency."""
         flops = self.model.attention_flops_per_pair * np.asarray(pairs, dtype=np.float64) / self.share.tp
-        roofline = np.maximum(np.asarray(kv_bytes, dtype=np.float64) / self.hbm_bytes_per_s, flops / self.flops_per_s)
+        roofline = self.roofline(np.asarray(kv_bytes, dtype=np.float64) / self.hbm_bytes_per_s, flops / self.flops_per_s)
         return roofline / self.attention_efficiency
 
     def head_s(self, tokens: np.ndarray) -> np.ndarray:
         """The final norm and lm_head (this GPU's vocabulary slice) over the new tokens, and the per-step overhead."""
         weights = self.share.head_weight_bytes
         flops = self.share.head_flops_per_token * np.asarray(tokens, dtype=np.float64)
-        return np.maximum(weights / self.hbm_bytes_per_s, flops / self.flops_per_s) + self.launch_s \
+        return self.roofline(weights / self.hbm_bytes_per_s, flops / self.flops_per_s) + self.launch_s \
             + self.step_overhead_s
 
     @property

@@ -28,9 +28,9 @@ _TEXT_FIELDS = ("name", "description", "link")
 _OPTIONAL_FIELDS = ("nvlink_gbps", "nvlink_latency_us", "gpus_per_host", "sockets", "cores_per_socket",
                     "ddr_gbps_per_socket", "dma_half_size_kb", "dma_batch_descriptor_us", "gather_kernel_link_frac",
                     "gather_kernel_sm_share", "host_gather_chunk_mb", "host_core_gflops", "host_roundtrip_us",
-                    "attention_efficiency", "step_overhead_us")
+                    "attention_efficiency", "step_overhead_us", "roofline_overlap")
 # Optional fields that are shares: at most 1 (an SM share below 1: compute must keep some SMs).
-_FRACTION_FIELDS = ("gather_kernel_link_frac", "gather_kernel_sm_share", "attention_efficiency")
+_FRACTION_FIELDS = ("gather_kernel_link_frac", "gather_kernel_sm_share", "attention_efficiency", "roofline_overlap")
 # Optional tables of a measured profile: what was fitted, and the measured error of its predictions.
 _TABLE_FIELDS = ("fit", "validation")
 # Optional fields that count things: whole numbers.
@@ -77,6 +77,8 @@ class HardwareSpec:
     # Refinements of the compute roofline where measured (sim/costs.py): absent, the roofline stands as it is.
     attention_efficiency: float | None = None  # share in (0, 1] of the roofline attention kernels reach
     step_overhead_us: float | None = None  # per decode step outside the layers: sampling, scheduling
+    # share in (0, 1] of the shorter of a kernel's memory and FLOP times hidden under the longer (1: the roofline's max)
+    roofline_overlap: float | None = None
     sources: dict[str, str] = field(default_factory=dict)  # numeric field -> where its number comes from
     path: str = ""  # the profile it was loaded from
 

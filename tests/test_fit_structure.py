@@ -51,6 +51,25 @@ def test_compute_fit_over_two_shapes_recovers_the_constants_and_predicts_a_third
     assert held["shape"] == "shape-c" and held["rms_rel"] < 0.02
 
 
+def test_attention_efficiency_and_roofline_overlap_are_recovered_and_reach_the_cost_model():
+    from tiersim.sim.costs import CostModel
+
+    truth = (10e9, 0.5e12, 60e-6, 0.5, 0.4)  # bytes/s, FLOP/s, launch s, attention efficiency, roofline overlap
+    f = fit_compute_shapes([(A, *timings(A, truth)), (B, *timings(B, truth))], launch_max_s=100e-6,
+                           attention_efficiency=True, roofline_overlap=True)
+    assert f.hbm_gbps == pytest.approx(10.0, rel=0.02) and f.tflops == pytest.approx(0.5, rel=0.02)
+    assert f.attention_efficiency == pytest.approx(0.5, rel=0.02) and f.roofline_overlap == pytest.approx(0.4, rel=0.02)
+    assert f.rms_rel < 1e-3 and check_shape(f, C, *timings(C, truth))["rms_rel"] < 0.02
+    # the cost model with these fields gives the layer time the fit assumed (matmuls + attention + launch)
+    hw = dataclasses.replace(hardware_spec("h200-sxm"), hbm_gbps_effective=10.0, bf16_tflops_effective=0.5,
+                             launch_us=60.0, attention_efficiency=0.5, roofline_overlap=0.4)
+    cost, tokens, kv = CostModel(C, hw), np.array([16.0]), 16 * 1088
+    layer = cost.matmul_s(tokens) + cost.attention_s(np.array([kv * C.kv_bytes_per_token_layer]), np.array([kv])) \
+        + cost.launch_s
+    point = {"tokens": 16, "batch": 16, "kv_tokens": 1088, "median_s": 1.0}
+    assert layer[0] == pytest.approx(layer_work(C, [point], []).predict(*truth)[0], rel=1e-9)
+
+
 def test_noise_widens_the_interval_and_does_not_bias_the_estimate():
     exact = fit_compute_shapes([(A, *timings(A)), (B, *timings(B))], launch_max_s=100e-6)
     fits_ = [fit_compute_shapes([(A, *timings(A, noise=0.05, seed=s, reps=3)), (B, *timings(B, noise=0.05, seed=s + 99,

@@ -76,6 +76,7 @@ def markdown(result: dict, figure: str) -> str:
                   f"{', '.join(fit.get('marked', [])) or 'none'}.", "", "| fit | rms residual % |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in (fit.get("residual_rms_pct") or {}).items()]
         lines += [f"| held out in calibration: {k} | {v:.1f} |" for k, v in (fit.get("held_out_rms_pct") or {}).items()]
+        lines += [f"| compute fit's {k} = {v:.3g} | (same fit) |" for k, v in (fit.get("compute_refinements") or {}).items()]
         for kind, k in (fit.get("kinds") or {}).items():
             lines.append(f"| kernel kind {kind}: {k['gbps']:.3g} GB/s, {k['tflops']:.3g} TFLOP/s, {k['fixed_us']:.1f} us "
                          f"fixed | {k['rms_pct']:.1f} |")
