@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testkit import Req
 
 from tiersim.errors import PolicyError
 from tiersim.policy import (
@@ -22,25 +22,6 @@ from tiersim.policy import (
     candidate_pages,
     replay,
 )
-
-
-@dataclass
-class Req:
-    """A trace request in memory: the shape `replay` reads."""
-
-    prefill: np.ndarray
-    increments: list[np.ndarray]
-
-    @property
-    def steps(self) -> int:
-        return len(self.increments)
-
-    @property
-    def generated_tokens(self) -> int:
-        return len(self.increments) + 1
-
-    def rows(self):
-        return iter(self.increments)
 
 
 def random_request(seed: int, prompt: int, steps: int) -> Req:

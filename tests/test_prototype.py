@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testkit import Req
 
 from tiersim.errors import TiersimError
 from tiersim.policy import DDR, EVICTED, HBM, PolicyConfig, TieringPolicy, replay
@@ -59,25 +59,6 @@ def manage_cache_reference(prefill, rows, beta, r, sinks=4, window=128, interval
                     tier[i] = "ddr"
         history.append([TIER[x] for x in tier])
     return history
-
-
-@dataclass
-class Req:
-    """A trace request in memory: the shape `replay` reads."""
-
-    prefill: np.ndarray
-    increments: list[np.ndarray]
-
-    @property
-    def steps(self) -> int:
-        return len(self.increments)
-
-    @property
-    def generated_tokens(self) -> int:
-        return len(self.increments) + 1
-
-    def rows(self):
-        return iter(self.increments)
 
 
 def random_request(seed: int, prompt: int, steps: int, ties: bool) -> Req:

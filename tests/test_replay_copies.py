@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from testkit import Probe
 
 from tiersim.errors import ConfigError
 from tiersim.hw.copies import CPU_METHODS, block_runs, coalesce, piece_count, resolve_method
@@ -105,30 +106,12 @@ def test_replay_moves_the_pieces_and_bytes_the_simulator_charges(trace_path, met
     np.testing.assert_array_equal(got.h2d_calls, calls + L * np.array([s.promote is not None for s in steps]))
 
 
-class Probe:
-    """Writes each new token's position into its key; records the DDR positions every attention saw staged."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def tag(self, positions, kv_heads, k_new):
-        k_new = k_new.clone()
-        k_new[:, 0] = positions.repeat_interleave(kv_heads).to(k_new.dtype)
-        return k_new
-
-    def check(self, step, layer, slot, chunks, attend, staged):
-        for h in range(chunks.shape[1]):
-            resident = chunks[:, h, :, 0].reshape(-1)[:attend].round().long().tolist()
-            ddr = [] if staged is None else staged[h, :, 0].round().long().tolist()
-            self.seen[(step, layer, slot, h)] = (sorted(resident), ddr)
-
-
 @pytest.mark.parametrize("method", CPU_METHODS)
 def test_every_mechanism_stages_exactly_the_schedules_ddr_tokens(trace_path, method):
     # token-level tiering inside 4-token blocks: pieces are partial blocks, the per-piece paths must still be exact
     cfg = config(copy_method=method, policy=dataclasses.replace(POLICY, page_size=1), cold_start=True)
     w = workload(trace_path, cfg)
-    probe = Probe()
+    probe = Probe(ddr_in_order=True)
     replay(cfg, w, probe=probe)
     rows, checked = w.tables.shape[1], 0
     for (k, _layer, b, _h), (resident, ddr) in probe.seen.items():

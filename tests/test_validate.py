@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from testkit import Probe
 
 from tiersim.cli import cli
 from tiersim.errors import ConfigError, TiersimError
@@ -55,24 +56,6 @@ def workload(trace_path, cfg: ReplayConfig):
     tr = read_trace(trace_path)
     return build_workload(tr, cfg.policy, cfg.gen_tokens, cfg.batch, cfg.decode_steps, cfg.seed, cfg.cold_start,
                           continuation_params(tr), workers=1)
-
-
-class Probe:
-    """Writes each new token's position into its key, and records what every attention saw."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def tag(self, positions, kv_heads, k_new):
-        k_new = k_new.clone()
-        k_new[:, 0] = positions.repeat_interleave(kv_heads).to(k_new.dtype)
-        return k_new
-
-    def check(self, step, layer, slot, chunks, attend, staged):
-        for h in range(chunks.shape[1]):
-            resident = chunks[:, h, :, 0].reshape(-1)[:attend].round().long().tolist()
-            ddr = [] if staged is None else staged[h, :, 0].round().long().tolist()
-            self.seen[(step, layer, slot, h)] = (sorted(resident), sorted(ddr))
 
 
 def expected_sets(schedule, t: int):
