@@ -1,14 +1,15 @@
-"""Simulator speed, ratios measured in one run (issue 4 targets).
+"""Simulator speed, ratios measured in one run (issue 11 targets).
 
-- the default `tiersim simulate` (r1-qwen-14b: 48 layers, batch 256, 4,096 generated tokens) in under 10 s;
-- batch 1024 costs at most 1.5x batch 256 (per-step totals are vectorised over slots);
-- doubling --gen-tokens costs at most 2.2x.
+- the default `tiersim simulate` (r1-qwen-14b on h200-sxm: 48 layers, batch 256, 4,096 generated tokens,
+  with the verdict's comparison runs, as the CLI does) in <= 1 s cold on a quiet 2-core machine;
+- >= 20,000 batched decode steps simulated per wall second at batch 256 (the timeline alone);
+- batch 1024 costs at most 1.5x batch 256.
 
-Each case runs cold (an empty schedule cache: the policy is replayed over every trace request,
-O(steps x tokens)) and warm (schedules reused from the cache, as in a sweep over hardware,
-batch or strategy: what remains is the SimPy model, O(steps x layers)).
+Cold: an empty schedule cache (the policy is replayed over every trace request); warm: schedules reused
+from the cache, as in a sweep. The timeline rate is measured for the exact recurrence (sim/recurrence.py)
+and for the SimPy engine it replaces (sim/engine.py, the reference), on the same plans.
 
-    python benchmarks/simulate_speed.py [--trace FILE]
+    python benchmarks/simulate_speed.py [--trace FILE] [--no-simpy]
 """
 
 from __future__ import annotations
@@ -17,43 +18,68 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 
-from tiersim.sim import SimConfig, simulate
-from tiersim.workload.cache import cache_info
+from tiersim.sim import SimConfig, engine, recurrence, simulate
+from tiersim.sim.costs import CostModel
+from tiersim.sim.plan import choose_copy, make_plan
+from tiersim.workload.build import block_totals
+from tiersim.workload.demand import run_workload
 
 
-def run(trace, cache: str, **kw) -> tuple[float, int]:
+def timed_simulate(trace, cache: str, **kw) -> tuple[float, dict]:
     os.environ["TIERSIM_CACHE_DIR"] = cache
     cfg = SimConfig(model="r1-qwen-14b", hardware="h200-sxm", trace=trace, **kw)
     start = time.perf_counter()
-    s = simulate(cfg).summary
-    return time.perf_counter() - start, s["sim_events"]
+    s = simulate(cfg, compare=True).summary
+    return time.perf_counter() - start, s
+
+
+def plan_of(trace, strategy: str, batch: int):
+    cfg = SimConfig(model="r1-qwen-14b", hardware="h200-sxm", trace=trace, strategy=strategy, batch=batch)
+    w = run_workload(cfg)
+    cost = CostModel(cfg.model, cfg.hardware, cfg.pinned, cfg.fixed_compute_ms, cfg.weight_bits, share=cfg.share)
+    blocks = block_totals(w, cfg.block_size)
+    cost = replace(cost, copy=choose_copy(w, cost, cfg, blocks)[0])
+    return make_plan(strategy, w, cost, cfg, blocks)[0]
+
+
+def steps_per_s(run, plan, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run(plan)
+        best = min(best, time.perf_counter() - start)
+    return plan.steps / best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=None, help="trace file (default: the embedded one)")
-    trace = ap.parse_args().trace
-    cases = {"default (batch 256, 4096 tokens)": dict(batch=256, gen_tokens=4096),
-             "batch 1024": dict(batch=1024, gen_tokens=4096),
-             "8192 tokens": dict(batch=256, gen_tokens=8192)}
+    ap.add_argument("--no-simpy", action="store_true", help="skip the SimPy reference timings (slow)")
+    args = ap.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as cache:
-        for name, kw in cases.items():
+        for batch in (256, 1024):
             with tempfile.TemporaryDirectory() as empty:
-                cold = run(trace, empty, **kw)
-            run(trace, cache, **kw)  # fill the shared cache
-            rows[name] = (cold, run(trace, cache, **kw))
-        info = cache_info()  # the shared store, filled by the three cases
-    print(f"{'case':<34} {'cold s':>7} {'warm s':>7} {'events':>10} {'events/s warm':>14}")
-    for name, ((cold_s, events), (warm_s, _)) in rows.items():
-        print(f"{name:<34} {cold_s:>7.2f} {warm_s:>7.2f} {events:>10,} {events / warm_s:>14,.0f}")
-    print(f"schedule cache: {info['entries']} entries, {info['bytes'] / 1e6:.1f} MB of {info['limit'] / 1e9:g} GB")
-    base = rows["default (batch 256, 4096 tokens)"]
-    print(f"default run: {base[0][0]:.2f} s cold, {base[1][0]:.2f} s warm (target < 10 s)")
-    for name, target in (("batch 1024", 1.5), ("8192 tokens", 2.2)):
-        cold, warm = rows[name][0][0] / base[0][0], rows[name][1][0] / base[1][0]
-        print(f"{name} / default: {cold:.2f}x cold, {warm:.2f}x warm (target <= {target}x)")
+                cold, _ = timed_simulate(args.trace, empty, batch=batch)
+            timed_simulate(args.trace, cache, batch=batch)  # fill the shared cache
+            warm, s = timed_simulate(args.trace, cache, batch=batch)
+            rows[batch] = (cold, warm, s["timeline_engine"], s["sim_events"])
+        print(f"{'simulate (with comparison)':<28} {'cold s':>7} {'warm s':>7}  engine, events")
+        for batch, (cold, warm, eng, events) in rows.items():
+            print(f"{'batch ' + str(batch):<28} {cold:>7.2f} {warm:>7.2f}  {eng}, {events:,}")
+        print(f"default run: {rows[256][0]:.2f} s cold, {rows[256][1]:.2f} s warm (target <= 1 s cold, quiet 2 cores)")
+        print(f"batch 1024 / batch 256: {rows[1024][0] / rows[256][0]:.2f}x cold, "
+              f"{rows[1024][1] / rows[256][1]:.2f}x warm (target <= 1.5x)")
+        print(f"\n{'timeline, decode steps per wall second':<40} {'recurrence':>11} {'SimPy':>9} {'ratio':>6}")
+        for strategy in ("prefetch-layer", "prefetch-sync", "cpu-attention", "full"):
+            for batch in (256, 1024):
+                plan = plan_of(args.trace, strategy, batch)
+                fast = steps_per_s(recurrence.run, plan, 5)
+                ref = float("nan") if args.no_simpy else steps_per_s(engine.run, plan, 1)
+                print(f"{strategy + ' batch ' + str(batch):<40} {fast:>11,.0f} {ref:>9,.0f} {fast / ref:>6.0f}")
+    print("target: >= 20,000 steps/s at batch 256 (48 layers); timings are one machine's, noisy when it is shared")
 
 
 if __name__ == "__main__":

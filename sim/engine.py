@@ -129,7 +129,8 @@ class Timeline:
     host_busy_s: np.ndarray
     d2h_done_s: np.ndarray  # completion time of the demotions decided at the end of each step (nan: none)
     interference_s: np.ndarray  # compute time lost to copies running beside it (SMs, HBM traffic)
-    events: int = 0
+    events: int = 0  # events the engine took: SimPy's scheduled events, or the recurrence's (sim/recurrence.py)
+    engine: str = "simpy"  # which engine drew it: "simpy" (this module) or "recurrence"
 
     @classmethod
     def empty(cls, steps: int) -> Timeline:

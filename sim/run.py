@@ -1,9 +1,9 @@
 """`simulate`: one configuration in, a summary, a per-step table and a timeline out.
 
 Steps: take the batch's workload (workload/demand.py: policy once per trace request, per-step
-totals over the batch), turn it into a StepPlan for the chosen strategy with the cost model, run
-the SimPy model, account HBM and DDR per step, and compare against the `full` strategy on the
-same hardware and batch.
+totals over the batch), turn it into a StepPlan for the chosen strategy with the cost model, draw
+its timeline (sim/recurrence.py: the exact recurrence, SimPy where it does not reach), account HBM
+and DDR per step, and compare against the `full` strategy on the same hardware and batch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from tiersim.sim import engine
+from tiersim.sim import recurrence
 from tiersim.sim.config import SimConfig
 from tiersim.sim.copies import mean_piece_bytes
 from tiersim.sim.costs import GB, CostModel
@@ -67,19 +67,21 @@ def simulate_workload(cfg: SimConfig, w: Workload) -> SimResult:
     method, estimates = choose_copy(w, cost, cfg, blocks)
     cost = replace(cost, copy=method)
     plan, layer_bytes, demoted = make_plan(cfg.strategy, w, cost, cfg, blocks)
-    tl = engine.run(plan)
+    tl = recurrence.timeline(plan)
     mem = account_memory(cfg.strategy, w, cfg, tl, layer_bytes, demoted, blocks)
     if not plan.strategy.applies_policy:
         plan_full, tl_full, mem_full = plan, tl, mem
     else:
         plan_full, lb, dm = make_plan(BASELINE, w, cost, cfg, blocks)
-        tl_full = engine.run(plan_full)
+        tl_full = recurrence.timeline(plan_full)
         mem_full = account_memory(BASELINE, w, cfg, tl_full, lb, dm, blocks)
     steps = step_table(w, plan, tl, mem, layer_bytes, demoted)
     summary = summarize(cfg, w, plan, tl, mem, tl_full, mem_full, steps)
     summary["copy_method_estimates_ms"] = estimates  # auto: each candidate's mean estimated step
     summary["sim_wall_s"] = time.perf_counter() - wall
     summary["sim_events"] = tl.events + (tl_full.events if tl_full is not tl else 0)
+    # Which engine drew the timelines (sim/recurrence.py: the exact recurrence, or SimPy where it does not reach).
+    summary["timeline_engine"] = tl.engine if tl_full.engine == tl.engine else f"{tl.engine} (full: {tl_full.engine})"
     return SimResult(summary, steps, tl, tl_full, mem, mem_full, w)
 
 
