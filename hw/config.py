@@ -1,4 +1,7 @@
-"""What a replay runs: `ReplayConfig` (the shared RunConfig plus the device side) and the model cut to N layers."""
+"""What a replay runs: `ReplayConfig` (the shared RunConfig plus the device side) and the model cut to N layers.
+
+Every model family replays: dense, mixture-of-experts, multi-head latent attention, sliding-window layers
+(hw/kernels.py, hw/plan.KVGeometry)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from tiersim.copy_methods import check_unit_nests
 from tiersim.errors import ConfigError
 from tiersim.hw.copies import check_block_size, check_copy_method
 from tiersim.specs import ModelSpec
+from tiersim.specs.families import SLIDING
 from tiersim.strategy import STRATEGIES, Strategy, get_strategy
 from tiersim.workload.config import RunConfig
 
@@ -48,7 +52,6 @@ class ReplayConfig(RunConfig):
         RunConfig.__post_init__(self)  # explicit: zero-argument super() fails in a slots dataclass
         check.integer("warmup_steps", self.warmup_steps, 0)
         check.integer("chunk_tokens", self.chunk_tokens, 1)
-        check_replayable_model(self.model)
         check_copy_method(self.copy_method, self.cuda)
         check_block_size(self.block_size, self.chunk_tokens)
         # The tiering unit as the simulator resolves it (an unset page_size: the block; the prototype: 1 token), so
@@ -84,23 +87,20 @@ class ReplayConfig(RunConfig):
         return self.strategy_record.staging_buffers(self.depth, self.model.layers)
 
 
-def check_replayable_model(model: ModelSpec) -> None:
-    """Refuse, naming `model`, what the replay's kernels do not run: experts, MLA, sliding-window layers."""
-    parts = [what for what, has in (("routed experts (MoE)", model.moe is not None),
-                                    ("multi-head latent attention (MLA)", model.mla is not None),
-                                    ("sliding-window layers", bool(model.sliding_layers))) if has]
-    if parts:
-        raise ConfigError("model", f"model {model.name} has {' and '.join(parts)}; the replay runs dense decoder "
-                                   f"layers with full attention over per-head K and V only (hw/kernels.py); "
-                                   f"accepted: a dense full-attention model (this one can be simulated: tiersim "
-                                   f"simulate)")
-
-
 def reduced_model(model: ModelSpec, layers: int | None) -> ModelSpec:
-    """The model cut to its first `layers` layers (the replay and the simulator both run those)."""
+    """The model cut to its first `layers` layers (the replay and the simulator both run those): the per-layer
+    attention kinds and the dense-MLP layers of an MoE model cut with it (no sliding layer left: no window; only
+    dense layers left: a dense model)."""
     if layers is None or layers == model.layers:
         return model
     if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= model.layers:
         raise ConfigError("layers", f"--layers {layers!r} out of range for {model.name} ({model.layers} layers); "
                                     f"accepted: 1..{model.layers}")
-    return dataclasses.replace(model, name=f"{model.name}[{layers}/{model.layers} layers]", layers=layers)
+    kinds = None if model.layer_types is None else model.layer_types[:layers]
+    window = model.sliding_window if kinds is not None and SLIDING in kinds else None
+    moe = model.moe
+    if moe is not None:
+        dense = tuple(i for i in moe.dense_layers if i < layers)
+        moe = None if len(dense) == layers else dataclasses.replace(moe, dense_layers=dense)
+    return dataclasses.replace(model, name=f"{model.name}[{layers}/{model.layers} layers]", layers=layers,
+                               layer_types=kinds if window is not None else None, sliding_window=window, moe=moe)

@@ -104,6 +104,7 @@ class StagedSet:
     pieces: np.ndarray  # (pieces, 5) int64, PIECE_COLUMNS: K source row, tokens, slot's staging row, its tokens, index
     v_offset: int  # host-pool row offset of V
     kv_heads: int
+    parts: int = 2  # K and V; 1: MLA's one latent (gather holds K rows only)
     gather_host: object = None  # `gather` as a host index tensor (set by `prepare`)
     gather_dev: object = None  # `gather` on the device (gather kernel)
     copies: tuple | None = None  # CUDA dma: (source rows, row counts) of every piece, K then V
@@ -117,18 +118,18 @@ class StagedSet:
 
     def landing_order(self) -> np.ndarray:
         """For each staging row, its row in a landing buffer that holds the pieces in table order, K then V."""
-        kvh, R = self.kv_heads, len(self.gather) // 2
+        kvh, R = self.kv_heads, len(self.gather) // self.parts
         k = np.empty(R, dtype=np.int64)
         slots = np.unique(self.pieces[:, 2:4], axis=0)  # (staging row, tokens) of each slot
         for row, s in slots.tolist():
             h, j = np.meshgrid(np.arange(kvh), np.arange(s), indexing="ij")
             k[row: row + kvh * s] = (row + j * kvh + h).ravel()
-        return np.concatenate([k, k + R])
+        return np.concatenate([k, k + R][: self.parts])
 
     def source_copies(self) -> tuple[np.ndarray, np.ndarray]:
         """(source row, rows) of every piece's contiguous copy: K pieces, then V pieces."""
         src, rows = self.pieces[:, 0], self.pieces[:, 1] * self.kv_heads
-        return np.concatenate([src, src + self.v_offset]), np.concatenate([rows, rows])
+        return np.concatenate([src, src + self.v_offset][: self.parts]), np.concatenate([rows, rows][: self.parts])
 
     def prepare(self, method: str, device) -> None:
         """Index tensors the mechanism needs, built once per set (host ones on the host, the rest on the device)."""
@@ -180,28 +181,29 @@ class Copier:
     """
 
     def __init__(self, method: str, device, dtype, head_dim: int, kv_heads: int, rows_max: int, steps: int,
-                 demote_rows: int = 0, promote_rows: int = 0, pinned: bool = True):
+                 demote_rows: int = 0, promote_rows: int = 0, pinned: bool = True, parts: int = 2):
         import torch
 
         from tiersim.hw.memory import BOUNCE_ROWS  # here: hw.memory imports hw.config, which imports this module
 
         self.method, self.device, self.d, self.kvh = method, device, head_dim, kv_heads
+        self.parts = parts  # K and V (2), or MLA's one latent (1): v0 is None in demote/promote
         self.cuda = device.type == "cuda"
         self.row_bytes = head_dim * torch.empty(0, dtype=dtype).element_size()
         self.counts = StepCopies.zeros(steps)
-        rows = max(1, 2 * rows_max)
+        rows = max(1, parts * rows_max)
         self.bounce = [torch.empty(min(BOUNCE_ROWS, rows), head_dim, dtype=dtype, pin_memory=self.cuda)
                        for _ in range(2 if self.cuda else 1)] if method == "host-gather" else []
         self._bounce_done: list = [None, None]  # events: the DMA that last read each bounce buffer
         self.landing = torch.empty(rows, head_dim, dtype=dtype, device=device) \
             if self.cuda and method in ("dma", "dma-batched") else None
         # re-tier traffic: a device-side buffer, and on CUDA a pinned host one the DMA reads or writes
-        self.demote_dev = torch.empty(2 * demote_rows, head_dim, dtype=dtype, device=device) if demote_rows else None
-        self.demote_host = torch.empty(2 * demote_rows, head_dim, dtype=dtype, pin_memory=True) \
+        self.demote_dev = torch.empty(parts * demote_rows, head_dim, dtype=dtype, device=device) if demote_rows else None
+        self.demote_host = torch.empty(parts * demote_rows, head_dim, dtype=dtype, pin_memory=True) \
             if demote_rows and self.cuda and pinned else None
-        self.promote_dev = torch.empty(2 * promote_rows, head_dim, dtype=dtype, device=device) \
+        self.promote_dev = torch.empty(parts * promote_rows, head_dim, dtype=dtype, device=device) \
             if promote_rows else None
-        self.promote_host = torch.empty(2 * promote_rows, head_dim, dtype=dtype, pin_memory=pinned) \
+        self.promote_host = torch.empty(parts * promote_rows, head_dim, dtype=dtype, pin_memory=pinned) \
             if promote_rows and self.cuda else None
         self._promote_done = None  # event: the DMA that last read promote_host
 
@@ -224,41 +226,42 @@ class Copier:
         """Bring step k's staged pieces of one layer from `host` (its pool) into `out` by the mechanism."""
         out = out[: len(staged.gather)]
         calls = getattr(self, "_" + self.method.replace("-", "_"))(host, host_uva, staged, out)
-        self.count(k, "h2d", 2 * len(staged.pieces), out.numel() * out.element_size(), calls)
+        self.count(k, "h2d", staged.parts * len(staged.pieces), out.numel() * out.element_size(), calls)
 
     def demote(self, k: int, k0, v0, host, t0_rows, host_rows, pieces: int) -> None:
         """Copy demoted tokens of one layer from T0 (flat K and V views) into the host pool: gather on the device,
         one DMA into the pinned buffer, then the host scatters them into their blocks (it must wait for the DMA)."""
         import torch
 
-        n = len(t0_rows)
-        dev = self.demote_dev[: 2 * n]
+        n, parts = len(t0_rows), self.parts
+        dev = self.demote_dev[: parts * n]
         torch.index_select(k0, 0, t0_rows, out=dev[:n])
-        torch.index_select(v0, 0, t0_rows, out=dev[n:])
+        if parts == 2:
+            torch.index_select(v0, 0, t0_rows, out=dev[n:])
         if self.cuda:
             if self.demote_host is None:  # pageable host memory: a staged copy, synchronous by nature
                 data = dev.cpu()
             else:
-                data = self.demote_host[: 2 * n]
+                data = self.demote_host[: parts * n]
                 data.copy_(dev, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record()
                 done.synchronize()
             dev = data
         host.index_copy_(0, host_rows, dev)
-        self.count(k, "d2h", 2 * pieces, dev.numel() * dev.element_size())
+        self.count(k, "d2h", parts * pieces, dev.numel() * dev.element_size())
 
     def promote(self, k: int, k0, v0, host, host_rows, t0_rows, pieces: int) -> None:
         """Copy promoted tokens of one layer from the host pool into T0 (flat K and V views): the host gathers them
         into the pinned buffer (once the last DMA from it is done), one DMA, then a device scatter into T0."""
         import torch
 
-        n = len(t0_rows)
-        data = self.promote_dev[: 2 * n]
+        n, parts = len(t0_rows), self.parts
+        data = self.promote_dev[: parts * n]
         if self.cuda:
             if self._promote_done is not None:
                 self._promote_done.synchronize()
-            staged = self.promote_host[: 2 * n]
+            staged = self.promote_host[: parts * n]
             torch.index_select(host, 0, host_rows, out=staged)
             data.copy_(staged, non_blocking=staged.is_pinned())
             self._promote_done = torch.cuda.Event()
@@ -266,8 +269,9 @@ class Copier:
         else:
             torch.index_select(host, 0, host_rows, out=data)
         k0.index_copy_(0, t0_rows, data[:n])
-        v0.index_copy_(0, t0_rows, data[n:])
-        self.count(k, "h2d", 2 * pieces, data.numel() * data.element_size(), 1)
+        if parts == 2:
+            v0.index_copy_(0, t0_rows, data[n:])
+        self.count(k, "h2d", parts * pieces, data.numel() * data.element_size(), 1)
 
     def _pageable(self, host, host_uva, st: StagedSet, out) -> int:
         out.copy_(host.index_select(0, st.gather_host))  # the paper's prototype: a new pageable tensor, then a copy
@@ -290,13 +294,13 @@ class Copier:
     def _dma(self, host, host_uva, st: StagedSet, out) -> int:
         if self.cuda:
             return self._land(host, st, out)
-        d, kvh, R = self.d, self.kvh, len(out) // 2
+        d, kvh, R = self.d, self.kvh, len(out) // st.parts
         pieces = st.piece_list
         for src, n, row, s, j in pieces:
-            for part, shift in ((0, 0), (R, st.v_offset)):  # K, then V: separate pieces
+            for part, shift in ((0, 0), (R, st.v_offset))[: st.parts]:  # K, then V: separate pieces
                 dst = out[part + row: part + row + kvh * s].view(kvh, s, d)[:, j: j + n]
                 dst.copy_(host[shift + src: shift + src + n * kvh].view(n, kvh, d).transpose(0, 1))
-        return 2 * len(pieces)
+        return st.parts * len(pieces)
 
     def _land(self, host, st: StagedSet, out) -> int:
         """CUDA: one contiguous pinned-to-device copy (cudaMemcpyAsync) per (source row, rows) into the landing

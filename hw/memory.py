@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from tiersim.errors import TiersimError
 from tiersim.hw.config import ReplayConfig
+from tiersim.hw.kernels import activation_width
+from tiersim.hw.plan import kv_geometry
 from tiersim.workload.build import COL, Workload
 
 GB = 1e9
@@ -60,43 +62,47 @@ class MemoryNeed:
 
 
 def memory_need(cfg: ReplayConfig, workload: Workload) -> MemoryNeed:
-    """Weights, T0 pools, staging, landing and re-tier buffers and activations on the device; the DDR pool, bounce
-    and re-tier buffers on the host. From the workload's tier counts alone, so a replay that cannot fit is refused
-    before it is planned. The copy buffers are hw.copies.Copier's: a landing buffer of 2 x staged rows for the CUDA
-    dma paths, and 2 x the most rows one step demotes (promotes) on the device and, on CUDA, in host memory
-    (pinned when the pool is)."""
+    """Weights, T0 pools, sliding-window rings, staging, landing and re-tier buffers and activations on the device;
+    the DDR pool, bounce and re-tier buffers on the host. From the workload's tier counts alone, so a replay that
+    cannot fit is refused before it is planned. Per layer group (hw/plan.KVGeometry): only full-attention layers
+    have T0 and host pools, sliding layers a ring of `window` tokens per slot; a row is one KV head's K or V (MLA:
+    the latent and rope key, one part). The copy buffers are hw.copies.Copier's: a landing buffer of parts x
+    staged rows for the CUDA dma paths, and parts x the most rows one step demotes (promotes) on the device and, on
+    CUDA, in host memory (pinned when the pool is)."""
     m, dt, strategy = cfg.model, cfg.model.dtype_bytes, cfg.strategy_record
+    geo = kv_geometry(m)
+    full, sliding, parts = len(geo.full_layers), len(geo.sliding_layers), geo.parts
     tables, totals = workload.tables, workload.totals
     resident = tables[..., COL["hbm"] if strategy.applies_policy else COL["tokens"]].max()
     chunks = -(-int(resident) // cfg.chunk)
-    t0_rows = cfg.batch * chunks * m.kv_heads * cfg.chunk
-    staged_rows = int(totals[:, COL["ddr"]].max()) * m.kv_heads if strategy.prefetches else 0
+    t0_rows = cfg.batch * chunks * geo.heads * cfg.chunk
+    staged_rows = int(totals[:, COL["ddr"]].max()) * geo.heads if strategy.prefetches else 0
     # A re-tier decided at the end of step k moves in step k + 1; the most one step moves, every slot together.
-    moved = lambda name: int(totals[:, COL[name]].max()) * m.kv_heads if strategy.keeps_ddr else 0  # noqa: E731
+    moved = lambda name: int(totals[:, COL[name]].max()) * geo.heads if strategy.keeps_ddr else 0  # noqa: E731
     demote_rows, promote_rows = moved("hbm_to_ddr"), moved("ddr_to_hbm")
-    row = m.head_dim * dt
+    row = geo.width * dt
     tokens = int((totals[:, COL["decode"]] + totals[:, COL["prefill_tokens"]]).max())
     prompt = int(tables[:, 0, COL["prefill_tokens"]].max())
-    width = m.hidden * 4 + (m.attention_heads + 2 * m.kv_heads) * m.head_dim + 2 * m.intermediate
     scores = cfg.batch * m.attention_heads * (int(tables[..., COL["tokens"]].max()) + 2 * cfg.chunk) * 4 * 3
     causal = cfg.batch * m.attention_heads * prompt * prompt * 4
     landing = cfg.cuda and cfg.pinned and cfg.copy_method in ("dma", "dma-batched") and staged_rows > 0
     device = {"weights": m.layers * m.layer_weight_bytes + m.vocab * m.hidden * dt,
-              "T0 pools": 2 * t0_rows * row * m.layers,
-              "staging": cfg.staging_buffers * 2 * staged_rows * row,
-              "landing": 2 * max(1, staged_rows) * row if landing else 0,
-              "re-tier buffers": 2 * (demote_rows + promote_rows) * row,
-              "activations": tokens * width * dt * 2 + scores + causal + cfg.batch * m.vocab * dt}
+              "T0 pools": parts * t0_rows * row * full,
+              "sliding windows": parts * cfg.batch * geo.heads * (geo.window or 0) * row * sliding,
+              "staging": cfg.staging_buffers * parts * staged_rows * row,
+              "landing": parts * max(1, staged_rows) * row if landing else 0,
+              "re-tier buffers": parts * (demote_rows + promote_rows) * row,
+              "activations": tokens * activation_width(m) * dt * 2 + scores + causal + cfg.batch * m.vocab * dt}
     host = {}
     if strategy.keeps_ddr:
         positions = max(s.prompt_tokens + s.steps for s in workload.schedules) + 1
-        host["DDR pool"] = 2 * cfg.batch * m.kv_heads * positions * row * m.layers
+        host["DDR pool"] = parts * cfg.batch * geo.heads * positions * row * full
         if cfg.cuda and cfg.pinned:
             host["bounce buffers"] = 2 * BOUNCE_ROWS * row
         if cfg.cuda:  # the DMA's side of demotions (pinned only) and promotions
-            host["re-tier buffers"] = 2 * ((demote_rows if cfg.pinned else 0) + promote_rows) * row
+            host["re-tier buffers"] = parts * ((demote_rows if cfg.pinned else 0) + promote_rows) * row
         if not cfg.pinned:
-            host["pageable gather"] = 2 * staged_rows * row
+            host["pageable gather"] = parts * staged_rows * row
     return MemoryNeed(device, host)
 
 

@@ -3,6 +3,11 @@
 Each slot walks through its requests' schedules. A step's work is first drafted in (slot, T0 index,
 position) terms (`StepDraft`); once every step is known, the storage layout is fixed (T0 chunks for
 the longest resident set) and the drafts become flat row numbers of the pools (`StepWork`).
+
+The KV of a layer group (`KVGeometry`): full-attention layers hold T0 pools and host pools and are tiered;
+sliding-window layers hold a ring of `window` tokens per slot (position p at ring index p mod window), never
+tiered and never copied. A cache row is one KV head's K (or V) of one token, or for MLA the token's latent
+and rope key (one part, no V): rows x width x dtype per token per layer is the spec's KV bytes.
 """
 
 from __future__ import annotations
@@ -15,8 +20,37 @@ from tiersim.errors import TiersimError
 from tiersim.hw.config import ReplayConfig
 from tiersim.hw.copies import StagedSet, block_runs
 from tiersim.policy import COMPRESSED, DDR, EVICTED, HBM, TierSchedule
+from tiersim.specs import ModelSpec
 from tiersim.strategy import Strategy
 from tiersim.workload.build import Workload
+
+
+@dataclass(frozen=True, slots=True)
+class KVGeometry:
+    """How one token's KV lies in one layer's cache, and which layers hold what."""
+
+    heads: int  # cache rows per token and part: the KV heads (MLA: 1, one latent shared by every query head)
+    width: int  # values per row: head_dim (MLA: kv_lora_rank + qk_rope_head_dim)
+    parts: int  # 2: K and V pools; 1: MLA's one latent pool (its values are the latent's first kv_lora_rank)
+    full_layers: tuple[int, ...]  # grow, are tiered and copied
+    sliding_layers: tuple[int, ...]  # keep `window` tokens, never tiered
+    window: int | None
+
+    @property
+    def kind(self) -> dict[int, tuple[bool, int]]:
+        """Layer -> (sliding, index among the layers of its group)."""
+        out = {layer: (False, i) for i, layer in enumerate(self.full_layers)}
+        return out | {layer: (True, i) for i, layer in enumerate(self.sliding_layers)}
+
+
+def kv_geometry(m: ModelSpec) -> KVGeometry:
+    """The cache geometry of `m`; parts x heads x width x dtype is the spec's KV bytes per token per layer."""
+    if m.mla is not None:
+        geo = KVGeometry(1, m.mla.latent_width, 1, m.full_layers, m.sliding_layers, m.sliding_window)
+    else:
+        geo = KVGeometry(m.kv_heads, m.head_dim, 2, m.full_layers, m.sliding_layers, m.sliding_window)
+    assert geo.parts * geo.heads * geo.width * m.dtype_bytes == m.kv_bytes_per_token_layer
+    return geo
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +64,8 @@ class Layout:
     positions: int  # host-pool slots per sequence (longest request)
     slot_major: bool  # T0 as [slot, chunk, head, token, dim] (per-slot attention) or [chunk, slot, ...]
     block_size: int = 16  # tokens per KV block of the host pool (a piece never crosses a block boundary)
+    parts: int = 2  # K and V, or (MLA) one latent
+    window: int = 0  # tokens of a sliding layer's ring (0: no sliding layers)
 
     def t0_rows(self, slot: np.ndarray, index: np.ndarray) -> np.ndarray:
         """T0 rows of (slot, T0 index) pairs, every KV head: shape (n, kv_heads), flattened in that order."""
@@ -56,6 +92,11 @@ class Layout:
         """Rows of one T0 pool (K or V) of one layer."""
         return self.batch * self.chunks * self.kv_heads * self.chunk
 
+    def ring_rows(self, slot: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Rows of a sliding layer's ring [slot, kv head, window] for (slot, position) pairs: shape (n, kv_heads)."""
+        h = np.arange(self.kv_heads)[None, :]
+        return (np.asarray(slot)[:, None] * self.kv_heads + h) * self.window + np.asarray(pos)[:, None] % self.window
+
 
 def _same_in_every_slot(*per_slot: np.ndarray) -> bool:
     return all(bool((a == a[0]).all()) for a in per_slot)
@@ -79,6 +120,9 @@ class StepWork:
     demoted_tokens: int = 0
     demote_pieces: int = 0  # pieces per layer for K (V has as many)
     promote_pieces: int = 0
+    ring_src: np.ndarray | None = None  # sliding layers: the new tokens (GEMM rows) the ring keeps, a slot's last W
+    ring_rows: np.ndarray | None = None  # their ring rows, (token, head) order
+    ring_attend: np.ndarray | None = None  # per slot: ring tokens a decoding query attends, min(context, window)
 
     @property
     def uniform(self) -> bool:
@@ -315,6 +359,7 @@ class Planner:
 def plan_replay(cfg: ReplayConfig, workload: Workload) -> ReplayPlan:
     """Walk the batch's slots through their schedules and record every step's copies and kernels."""
     m, strategy = cfg.model, cfg.strategy_record
+    geo = kv_geometry(m)
     planner = Planner(strategy, workload, cfg.batch)
     drafts: list[StepDraft] = []
     cap0 = 1
@@ -323,19 +368,19 @@ def plan_replay(cfg: ReplayConfig, workload: Workload) -> ReplayPlan:
         cap0 = max(cap0, max(s.n0 for s in planner.slots))
     chunks = -(-cap0 // cfg.chunk)
     uniform = all(d.uniform for d in drafts)
-    layout = Layout(cfg.batch, m.kv_heads, cfg.chunk, chunks, planner.positions, slot_major=not uniform,
-                    block_size=cfg.block_size)
+    layout = Layout(cfg.batch, geo.heads, cfg.chunk, chunks, planner.positions, slot_major=not uniform,
+                    block_size=cfg.block_size, parts=geo.parts, window=geo.window if geo.sliding_layers else 0)
     steps, h2d, d2h = [], [], []
     last_gather: tuple | None = None
     for d in drafts:
         work, last_gather = _rows_of(d, layout, strategy, last_gather)
         steps.append(work)
-        # Every replayed layer attends the whole context (ReplayConfig refuses sliding-window layers), so a DDR-tier
-        # token moves its KV of every layer: the model's global-layer bytes.
+        # A DDR-tier token moves its KV of every full-attention layer (sliding-window layers keep their window in
+        # the device's ring and are never tiered): the model's global-layer bytes, for MLA the latent.
         fetched = work.staged_rows + int(work.promoted.sum())
         h2d.append(fetched * m.kv_bytes_per_token_global if strategy.prefetches else 0)
         d2h.append(work.demoted_tokens * m.kv_bytes_per_token_global if strategy.keeps_ddr else 0)
-    rows_max = max((w.staged_rows for w in steps), default=0) * m.kv_heads
+    rows_max = max((w.staged_rows for w in steps), default=0) * geo.heads
     return ReplayPlan(steps, layout, rows_max, np.array(h2d, dtype=np.float64), np.array(d2h, dtype=np.float64))
 
 
@@ -348,6 +393,8 @@ def _rows_of(d: StepDraft, layout: Layout, strategy: Strategy, last_gather: tupl
                     positions=np.concatenate(d.positions),
                     new_rows=layout.t0_rows(np.concatenate(d.new_slot), np.concatenate(d.new_idx)).ravel(),
                     demoted_tokens=d.demoted_tokens)
+    if layout.window:
+        work.ring_src, work.ring_rows, work.ring_attend = ring_writes(d, layout)
     if d.compact:
         work.compact = (np.concatenate([t0(c.slot, c.src) for c in d.compact]),
                         np.concatenate([t0(c.slot, c.dst) for c in d.compact]))
@@ -367,6 +414,19 @@ def _rows_of(d: StepDraft, layout: Layout, strategy: Strategy, last_gather: tupl
     return work, (d.epochs, work.staged_set)
 
 
+def ring_writes(d: StepDraft, layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sliding layer's ring writes of one step: (new-token rows kept: each slot's last `window`, their ring rows,
+    per slot the tokens a decoding query attends, min(context, window))."""
+    W, src, rows, at = layout.window, [], [], 0
+    for slot, pos in zip(d.new_slot, d.positions):
+        keep = np.arange(max(0, len(pos) - W), len(pos))
+        src.append(at + keep)
+        rows.append(layout.ring_rows(slot[keep], pos[keep]).ravel())
+        at += len(pos)
+    last = np.array([int(p[-1]) for p in d.positions])
+    return np.concatenate(src), np.concatenate(rows), np.minimum(last + 1, W)
+
+
 def _pieces(copies: list[HostCopy], block_size: int) -> int:
     """Pieces per layer (for K) of a re-tier's copies: runs of consecutive positions inside a block, per slot."""
     return sum(len(block_runs(np.sort(c.positions), block_size)[0]) for c in copies)
@@ -375,7 +435,7 @@ def _pieces(copies: list[HostCopy], block_size: int) -> int:
 def staged_set(stage: list[tuple[int, np.ndarray]], layout: Layout) -> StagedSet:
     """The host rows and pieces of the (slot, sorted DDR-tier positions) a step stages, in staging order: slot
     after slot, each [kv head, token] (the order the attention reads)."""
-    kvh, tables, gather, row = layout.kv_heads, [], [], 0
+    kvh, tables, gather, row = layout.kv_heads, [], [], 0  # MLA: one latent row per token (kv_heads 1, no V)
     for b, pos in stage:
         first, tokens, index = block_runs(pos, layout.block_size)
         src = layout.host_rows(np.full(len(first), b), first)[0]
@@ -383,5 +443,5 @@ def staged_set(stage: list[tuple[int, np.ndarray]], layout: Layout) -> StagedSet
         gather.append(layout.host_rows(np.full(len(pos), b), pos).ravel())
         row += kvh * len(pos)
     k = np.concatenate(gather)
-    return StagedSet(np.concatenate([k, k + layout.host_v_offset]), np.concatenate(tables).astype(np.int64),
-                     layout.host_v_offset, kvh)
+    return StagedSet(np.concatenate([k, k + layout.host_v_offset][: layout.parts]),
+                     np.concatenate(tables).astype(np.int64), layout.host_v_offset, kvh, parts=layout.parts)

@@ -19,6 +19,12 @@ describes (sim/costs.py, sim/engine.py), with real tensors:
   promotions are copied from the host pool into T0.
 - Compute per layer (hw/kernels.py): RMSNorm, the projections with the layer's real weight shapes and
   attention over the resident plus staged tokens; then the lm_head over one token per sequence.
+- Model families (hw/plan.KVGeometry): MLA caches one latent row (kv_lora_rank + rope) per token and layer,
+  attends in the absorbed form and moves latents; sliding-window layers keep a ring of `window` tokens per slot
+  on the device, never tiered or copied (only full-attention layers have T0, host pools and copies); MoE layers
+  route each token to its top-k experts and multiply only the experts reached (the count is reported per step).
+- Weights: every replayed layer has its own (as a served model: nothing is reused across layers, so each
+  layer's weights stream from memory); a model too large for the device is replayed on its first `--layers`.
 
 The parts: hw/config.py (ReplayConfig), hw/plan.py (what each step does), hw/memory.py (the budget),
 hw/streams.py (clocks, signals between streams), hw/kernels.py (compute), this file (storage, copies and
@@ -43,7 +49,7 @@ from tiersim.hw.copies import Copier, StepCopies, resolve_method
 from tiersim.hw.device import uva_alias
 from tiersim.hw.kernels import LayerWeights, decode_attention, decoder_layer, rms_norm, torch_dtype
 from tiersim.hw.memory import GB, MemoryNeed, check_memory, memory_need
-from tiersim.hw.plan import ReplayPlan, StepWork, plan_replay
+from tiersim.hw.plan import ReplayPlan, StepWork, kv_geometry, plan_replay
 from tiersim.hw.streams import Clock, Progress, cpu_threads, on_stream
 from tiersim.workload.build import Workload
 
@@ -64,6 +70,8 @@ class ReplayResult:
     fetch_path: str = ""  # how DDR-tier tokens reached the staging buffers
     copy_method: str = ""  # the mechanism that ran (hw/copies.py)
     copies: StepCopies | None = None  # per step: pieces, bytes and copy calls moved
+    experts_touched: np.ndarray | None = None  # MoE: per step, distinct routed experts multiplied, mean per MoE layer
+    expert_bytes: np.ndarray | None = None  # MoE: per step, routed-expert weight bytes those experts read, all layers
 
     def summary(self) -> dict:
         """Means in ms, totals, spread."""
@@ -79,8 +87,13 @@ class ReplayResult:
             "host_gb": self.memory.host_bytes / GB if self.memory else None,
             "batched_attention": self.uniform, "fetch_path": self.fetch_path, "copy_method": self.copy_method,
             **(self.copies.summary() if self.copies is not None else {}), "wall_s": self.wall_s,
+            **({} if self.experts_touched is None else {
+                "experts_touched_mean": float(self.experts_touched.mean()),
+                "expert_gb_per_step": float(self.expert_bytes.mean() / GB)}),
         }
 
+
+INPUT_VARIANTS = 16  # MoE: distinct step inputs, rotated (routing samples; 16 x layers draws per run)
 
 FETCH_PATHS = {
     ("pageable", False): "pageable: host gather into a new tensor, then copy",
@@ -115,19 +128,27 @@ class Replayer:
         self.cuda = self.device.type == "cuda"
         self.dtype = torch_dtype(cfg.model)
         m, lay = self.m, plan.layout
-        self.weights = weights or [LayerWeights.random(m, self.device, self.dtype) for _ in range(m.layers)]
+        geo = self.geo = kv_geometry(m)
+        self.weights = weights or [LayerWeights.random(m, self.device, self.dtype, i) for i in range(m.layers)]
         self.lm_head = torch.empty(m.vocab, m.hidden, device=self.device, dtype=self.dtype).normal_(0.0, 0.02)
         self.final_norm = torch.ones(m.hidden, device=self.device, dtype=self.dtype)
-        shape = (lay.batch, lay.chunks, m.kv_heads, lay.chunk, m.head_dim) if lay.slot_major else \
-            (lay.chunks, lay.batch, m.kv_heads, lay.chunk, m.head_dim)
-        self.k0 = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(m.layers)]
-        self.v0 = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(m.layers)]
+        zeros = lambda shape, n: [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(n)]  # noqa: E731
+        # Full-attention layers: T0 pools (K and V, or one latent pool), host pools; sliding layers: a ring each.
+        shape = (lay.batch, lay.chunks, geo.heads, lay.chunk, geo.width) if lay.slot_major else \
+            (lay.chunks, lay.batch, geo.heads, lay.chunk, geo.width)
+        full, sliding = len(geo.full_layers), len(geo.sliding_layers)
+        self.k0 = zeros(shape, full)
+        self.v0 = zeros(shape, full if geo.parts == 2 else 0)
+        ring = (lay.batch, geo.heads, lay.window, geo.width)
+        self.k_ring = zeros(ring, sliding)
+        self.v_ring = zeros(ring, sliding if geo.parts == 2 else 0)
+        self.kind = geo.kind  # layer -> (sliding, index in its group)
         rows = max(1, plan.staging_rows_max)
-        self.staging = [torch.zeros(2 * rows, m.head_dim, device=self.device, dtype=self.dtype)
+        self.staging = [torch.zeros(geo.parts * rows, geo.width, device=self.device, dtype=self.dtype)
                         for _ in range(cfg.staging_buffers)]
         keeps_ddr, pin = self.strategy.keeps_ddr, self.cuda and cfg.pinned
-        host_rows = 2 * lay.host_v_offset if keeps_ddr else 0
-        self.host = [torch.zeros(host_rows, m.head_dim, dtype=self.dtype, pin_memory=pin) for _ in range(m.layers)]
+        host_rows = geo.parts * lay.host_v_offset if keeps_ddr else 0
+        self.host = [torch.zeros(host_rows, geo.width, dtype=self.dtype, pin_memory=pin) for _ in range(full)]
         self.host_uva, why = [], ""
         if pin and keeps_ddr and cfg.copy_method in ("auto", "gather-kernel"):
             try:
@@ -143,8 +164,8 @@ class Replayer:
             self.fetch_path += f" (zero-copy UVA alias unavailable: {why})"
         d2h_rows = max((len(w.d2h[0]) for w in plan.steps if w.d2h is not None), default=0)
         promote_rows = max((len(w.promote[1]) for w in plan.steps if w.promote is not None), default=0)
-        self.copier = Copier(self.copy_method, self.device, self.dtype, m.head_dim, m.kv_heads,
-                             plan.staging_rows_max, len(plan.steps), d2h_rows, promote_rows, cfg.pinned)
+        self.copier = Copier(self.copy_method, self.device, self.dtype, geo.width, geo.heads,
+                             plan.staging_rows_max, len(plan.steps), d2h_rows, promote_rows, cfg.pinned, geo.parts)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._to_device(torch)
         self.inputs: dict[int, object] = {}
@@ -156,53 +177,62 @@ class Replayer:
         as_host = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
         for w in self.plan.steps:
             w.new_rows = as_dev(w.new_rows)
+            if w.ring_rows is not None:
+                w.ring_rows, w.ring_src = as_dev(w.ring_rows), as_dev(w.ring_src)
             if w.compact is not None:
                 w.compact = tuple(as_dev(a) for a in w.compact)
             if w.promote is not None:
                 src, dst = w.promote
-                w.promote = (as_host(np.concatenate([src, src + lay.host_v_offset])), as_dev(dst))
+                w.promote = (as_host(np.concatenate([src, src + lay.host_v_offset][: lay.parts])), as_dev(dst))
             if w.d2h is not None:
                 t0, host = w.d2h
-                w.d2h = (as_dev(t0), as_host(np.concatenate([host, host + lay.host_v_offset])))
+                w.d2h = (as_dev(t0), as_host(np.concatenate([host, host + lay.host_v_offset][: lay.parts])))
             if w.staged_set is not None:
                 w.staged_set.prepare(self.copy_method, dev)  # once per set: steps with the same DDR set share it
         self._positions = [torch.as_tensor(w.positions, device=dev) for w in self.plan.steps] if self.probe else None
 
     # -- copies (hw/copies.py does the moving and the counting) ---------------------------------
-    def _flat(self, layer: int):
-        d = self.m.head_dim
-        return self.k0[layer].view(-1, d), self.v0[layer].view(-1, d)
+    def _flat(self, i: int):
+        """Flat [rows, width] views of full-attention layer i's T0 pools (the V one None for MLA)."""
+        d = self.geo.width
+        return self.k0[i].view(-1, d), (self.v0[i].view(-1, d) if self.v0 else None)
 
-    def compact(self, layer: int, w: StepWork) -> None:
-        """Fill the holes demotions and evictions left in T0 with the last resident tokens."""
+    def compact(self, i: int, w: StepWork) -> None:
+        """Fill the holes demotions and evictions left in full-attention layer i's T0 with the last residents."""
         src, dst = w.compact
-        for pool in self._flat(layer):
-            pool.index_copy_(0, dst, pool.index_select(0, src))
+        for pool in self._flat(i):
+            if pool is not None:
+                pool.index_copy_(0, dst, pool.index_select(0, src))
 
     def copy_layer(self, k: int, layer: int, w: StepWork, buf) -> None:
         """The copy engine's work for one layer of step k: demotions out, T0 compaction, promotions in, DDR tier
-        staged."""
+        staged; nothing for a sliding-window layer (its ring is never tiered)."""
+        sliding, i = self.kind[layer]
+        if sliding:
+            return
         c = self.copier
         if w.d2h is not None:
-            c.demote(k, *self._flat(layer), self.host[layer], *w.d2h, w.demote_pieces)
+            c.demote(k, *self._flat(i), self.host[i], *w.d2h, w.demote_pieces)
         if w.compact is not None:
-            self.compact(layer, w)
+            self.compact(i, w)
         if w.promote is not None:
-            c.promote(k, *self._flat(layer), self.host[layer], *w.promote, w.promote_pieces)
+            c.promote(k, *self._flat(i), self.host[i], *w.promote, w.promote_pieces)
         if w.staged_set is not None:
-            c.stage(k, self.host[layer], self.host_uva[layer] if self.host_uva else None, w.staged_set, buf)
+            c.stage(k, self.host[i], self.host_uva[i] if self.host_uva else None, w.staged_set, buf)
 
     # -- compute --------------------------------------------------------------------------------
     def layer(self, layer: int, w: StepWork, x, buf, k: int):
         """One decoder layer of step k for the step's new tokens."""
-        if w.compact is not None and not self.strategy.prefetches:  # else the copy engine did it, before promotions
-            self.compact(layer, w)
+        sliding, i = self.kind[layer]
+        if w.compact is not None and not self.strategy.prefetches and not sliding:  # else the copy engine did it
+            self.compact(i, w)
         tag = seen = None
         if self.probe is not None:
-            tag = functools.partial(self.probe.tag, self._positions[k], self.m.kv_heads)
+            tag = functools.partial(self.probe.tag, self._positions[k], self.geo.heads)
             seen = functools.partial(self.probe.check, k, layer)
-        return decoder_layer(self.m, self.plan.layout, w, self.weights[layer], self.k0[layer], self.v0[layer], x, buf,
-                             tag, seen)
+        k_pools, v_pools = (self.k_ring, self.v_ring) if sliding else (self.k0, self.v0)
+        return decoder_layer(self.m, self.plan.layout, w, self.weights[layer], k_pools[i],
+                             v_pools[i] if v_pools else None, x, None if sliding else buf, tag, seen, sliding)
 
     def head(self, x, w: StepWork):
         """Final norm and lm_head over the last new token of every slot."""
@@ -213,12 +243,17 @@ class Replayer:
             x = x.index_select(0, torch.as_tensor(last, device=self.device))
         return rms_norm(x, self.final_norm) @ self.lm_head.T
 
-    def _input(self, tokens: int):
+    def _input(self, tokens: int, k: int):
+        """Hidden states entering step k's first layer: one random set per token count, or for an MoE model
+        INPUT_VARIANTS sets used in turn, so that routing varies from step to step as the simulator's expected
+        experts per step assumes (one set would route every decode step of the batch alike)."""
         import torch
 
+        variants = INPUT_VARIANTS if self.m.moe is not None else 1
         if tokens not in self.inputs:
-            self.inputs[tokens] = torch.randn(tokens, self.m.hidden, device=self.device).to(self.dtype)
-        return self.inputs[tokens]
+            self.inputs[tokens] = [torch.randn(tokens, self.m.hidden, device=self.device).to(self.dtype)
+                                   for _ in range(variants)]
+        return self.inputs[tokens][k % variants]
 
     # -- the step loop --------------------------------------------------------------------------
     def run(self, steps: list[StepWork] | None = None) -> ReplayResult:
@@ -227,6 +262,9 @@ class Replayer:
 
         steps = self.plan.steps if steps is None else steps
         self.copier.reset(len(steps))
+        moe = [lw.moe for lw in self.weights if lw.moe is not None]
+        for e in moe:
+            e.touched.clear()
         clock = Clock(self.device)
         L = self.m.layers
         per_layer, all_layers = self.strategy.fetches_per_layer, self.strategy.fetches_before_forward
@@ -243,7 +281,7 @@ class Replayer:
             try:
                 marks.append((clock.mark(),))
                 for k, w in enumerate(steps):
-                    x = self._input(int(w.tokens.sum()))
+                    x = self._input(int(w.tokens.sum()), k)
                     if all_layers:
                         t = time.perf_counter()
                         self._sync_copies(k, w)
@@ -281,9 +319,16 @@ class Replayer:
         n = len(steps)
         if self.cuda:
             stall[:] = np.nan
+        touched = expert_bytes = None
+        if moe:  # every MoE layer ran once per step: its distinct experts, and the bytes of their weights
+            counts = np.array([e.touched for e in moe], dtype=np.float64)  # [MoE layers, steps]
+            e0 = moe[0]
+            per_expert = sum(t[0].numel() * t.element_size() for t in (e0.gate_up, e0.down, e0.gate_up_bias,
+                                                                        e0.down_bias) if t is not None)
+            touched, expert_bytes = counts.mean(axis=0), counts.sum(axis=0) * per_expert
         return ReplayResult(step_s, step_s - head_s, head_s, stall, self.plan.h2d_bytes[:n], self.plan.d2h_bytes[:n],
                             None, all(w.uniform for w in steps), wall, self.fetch_path, self.copy_method,
-                            self.copier.counts)
+                            self.copier.counts, touched, expert_bytes)
 
     def _sync_copies(self, k: int, w: StepWork) -> None:
         """prefetch-sync: every layer's demotions and staged copies, then the compute stream waits for them."""

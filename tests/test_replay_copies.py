@@ -173,16 +173,6 @@ def test_every_mechanism_fills_the_staging_buffer_bit_for_bit(trace_path):
     assert all(len(v) == len(sets) for v in outs.values())
 
 
-@pytest.mark.parametrize("name, why", [("qwen3-30b-a3b", "routed experts"), ("deepseek-r1", "latent attention"),
-                                       ("gemma-3-270m", "sliding-window layers")])
-def test_models_the_replay_cannot_run_are_refused_by_name(name, why):
-    from tiersim.specs import model_spec
-
-    with pytest.raises(ConfigError, match=why) as e:
-        config(model=model_spec(name), chunk_tokens=16)
-    assert e.value.field == "model" and name in str(e.value)
-
-
 def test_the_tiering_unit_follows_the_block_as_in_the_simulator():
     unset = dataclasses.replace(POLICY, page_size=None)
     assert config(policy=unset).policy.page_size == BLOCK

@@ -31,6 +31,7 @@ from tiersim.hw.device import resolve_device
 from tiersim.hw.replay import ReplayResult, replay
 from tiersim.sim import SimConfig, simulate
 from tiersim.specs import HardwareSpec, ModelSpec, hardware_spec, model_spec
+from tiersim.specs.families import MoESpec
 from tiersim.specs.hardware import datasheet_for
 from tiersim.strategy import BASELINE
 from tiersim.traces.default import default_trace_path
@@ -63,6 +64,8 @@ class ValidateConfig(RunConfig):
     def __post_init__(self) -> None:
         replayable(self.strategy)  # the replay's own refusal, before RunConfig's generic one
         RunConfig.__post_init__(self)  # explicit: zero-argument super() fails in a slots dataclass
+        if self.model.quantization is not None:  # the replay multiplies the model's dtype: predict the same weights
+            object.__setattr__(self, "model", dataclasses.replace(self.model, quantization=None))
         if isinstance(self.profile, str | Path):
             object.__setattr__(self, "profile", hardware_spec(str(self.profile)))
         if not isinstance(self.profile, HardwareSpec):
@@ -195,10 +198,12 @@ def validate(cfg: ValidateConfig, trace: Trace | None = None, full: ReplayResult
         full, full_share = measured, share
     elif full is None:
         full, full_share = measure_watched(cfg, trace, BASELINE.name)
-    sim = simulate(cfg.sim_config(), trace=trace, workers=1).summary
+    simulated = simulate(cfg.sim_config(), trace=trace, workers=1)
+    sim = simulated.summary
     report = {"device": {k: info[k] for k in ("kind", "name", "label", "driver", "torch", "host", "date")},
               "config": cfg.describe(), **compare(measured, full, sim), "replay": measured.summary(),
               "replay_full": full.summary(), "load_average": [load_before, _loadavg()], **_busy(share, full_share)}
+    report.update(_experts(measured, simulated, reduced_model(cfg.model, cfg.layers).moe))
     if cfg.layers is not None and cfg.layers < cfg.model.layers:
         report.update(_scaled(cfg, trace, measured, full))
     report["wall_s"] = time.perf_counter() - wall
@@ -245,6 +250,19 @@ def _scaled(cfg: ValidateConfig, trace: Trace, measured: ReplayResult, full: Rep
             "measured_step_ms_scaled": m, "predicted_step_ms_scaled": sim["step_ms_mean"],
             "step_error_pct_scaled": _pct(sim["step_ms_mean"], m),
             "measured_overhead_pct_scaled": 100.0 * (m / mf - 1.0), "predicted_overhead_pct_scaled": sim["overhead_pct"]}
+
+
+def _experts(measured: ReplayResult, simulated, moe: MoESpec | None) -> dict:
+    """MoE: distinct routed experts per MoE layer and step, measured (the replay's routing) beside the simulator's
+    expected E (1 - (1 - k/E)^T) for the same steps' new tokens T; and the expert bytes the replay read."""
+    if moe is None or measured.experts_touched is None:
+        return {}
+    c = simulated.workload.column
+    tokens = (c("decode") + c("prefill_tokens"))[-len(measured.experts_touched):]
+    predicted = np.array([moe.experts_touched(float(t)) for t in tokens])
+    return {"measured_experts_per_layer": float(measured.experts_touched.mean()),
+            "predicted_experts_per_layer": float(predicted.mean()),
+            "measured_expert_gb_per_step": float(measured.expert_bytes.mean() / 1e9)}
 
 
 def _pct(predicted: float, measured: float) -> float:
