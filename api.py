@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from tiersim.policy import PolicyConfig
     from tiersim.sim import SimConfig, SimResult
     from tiersim.specs import HardwareSpec, ModelSpec
+    from tiersim.studies.advise import Advice
     from tiersim.studies.prototype import PrototypeReproduction
-    from tiersim.studies.search import Advice, SearchResult
+    from tiersim.studies.search import SearchResult
     from tiersim.studies.sweep import SweepStats
     from tiersim.traces.capture import CaptureResult
 
@@ -116,8 +117,10 @@ def simulate(model: str | os.PathLike | ModelSpec = "r1-qwen-14b", hardware: str
 
 def search(target_overhead: float, model: str | os.PathLike | ModelSpec = "r1-qwen-14b",
            hardware: str | os.PathLike | HardwareSpec = "h200-sxm", *, search_strategy: bool = False,
-           policy: PolicyConfig | None = None, workers: int | None = None, **fields) -> SearchResult:
-    """The largest HBM saving whose overhead stays within `target_overhead` %, over β (and strategy and depth)."""
+           policy: PolicyConfig | None = None, workers: int | None = None,
+           progress: Callable[[int, int], None] | None = None, **fields) -> SearchResult:
+    """The largest HBM saving whose overhead stays within `target_overhead` %, over β (and strategy and depth);
+    `progress(points simulated, most points the walk can take)` after each point."""
     from tiersim.studies.search import check_target, search_hbm_ratio
 
     cfg = sim_config(model, hardware, policy=policy, **fields)
@@ -127,16 +130,32 @@ def search(target_overhead: float, model: str | os.PathLike | ModelSpec = "r1-qw
         raise
     except TiersimError as e:
         raise ConfigError("target_overhead", str(e)) from None
-    return search_hbm_ratio(cfg, target_overhead, search_strategy, workers=workers)
+    return search_hbm_ratio(cfg, target_overhead, search_strategy, workers=workers, progress=progress)
+
+
+# advise's open-loop inputs besides rate (ServeConfig's fields): given only with rate.
+_ADVISE_SERVING = ("slo_ttft_ms", "slo_tpot_ms", "prompt_tokens", "output_tokens", "duration_s", "max_num_seqs",
+                   "max_num_batched_tokens", "preemption", "find_max_rate")
 
 
 def advise(model: str | os.PathLike | ModelSpec = "r1-qwen-14b", hardware: str | os.PathLike | HardwareSpec = "h200-sxm",
-           *, slo_ms: float | None = None, max_batch: int = 4096, steps: int = 256, policy: PolicyConfig | None = None,
-           workers: int | None = None, **fields) -> Advice:
-    """full, the tiered strategies and evict-only, each at its throughput-best batch, and a verdict (`.to_dict()`)."""
-    from tiersim.studies.search import advise as run
+           *, batch: int | None = None, rate: float | None = None, slo_ms: float | None = None, max_batch: int = 4096,
+           steps: int = 256, policy: PolicyConfig | None = None, workers: int | None = None,
+           progress: Callable[[int, int], None] | None = None, **fields) -> Advice:
+    """full, the tiered strategies and evict-only compared; the ones that fit ranked, with a baseline and a verdict.
 
-    return run(sim_config(model, hardware, policy=policy, steps=steps, **fields), slo_ms, max_batch, workers=workers)
+    No `batch` or `rate`: each option at its throughput-best batch (p99 step within `slo_ms`). `batch`: every
+    option at that batch, against full at its largest fitting batch. `rate` (req/s): every option serving the same
+    Poisson arrivals, against full at the same rate, with each one's maximum sustainable rate; the open loop's
+    `slo_ttft_ms`, `slo_tpot_ms`, `prompt_tokens`, `output_tokens`, `duration_s`, `max_num_seqs`,
+    `max_num_batched_tokens`, `preemption` and `find_max_rate` are given only with it. Other keywords are SimConfig
+    and PolicyConfig fields (weight and KV dtypes, tp, block size, ...). `.to_dict()` for JSON.
+    """
+    from tiersim.studies.advise import advise as run
+
+    serving = {k: fields.pop(k) for k in _ADVISE_SERVING if k in fields}
+    cfg = sim_config(model, hardware, policy=policy, steps=steps, **fields)
+    return run(cfg, slo_ms, max_batch, workers=workers, batch=batch, rate=rate, serving=serving, progress=progress)
 
 
 def _listed(value: Any) -> tuple:

@@ -24,7 +24,7 @@ from tiersim.cli.options import (
     trace_option,
     weight_bits_option,
 )
-from tiersim.cli.output import emit_json, new_table, print_table, say, spinner
+from tiersim.cli.output import bar, emit_json, new_table, print_table, say, spinner
 from tiersim.errors import TiersimError
 
 
@@ -189,9 +189,9 @@ def simulate_search(cfg, target_overhead: float, search_strategy: bool, json_out
     from tiersim.fileio import write_json
 
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("model", "hardware", "policy")}
-    with spinner(f"searching β for overhead ≤ {target_overhead:g}%"):
+    with bar(f"searching β for overhead ≤ {target_overhead:g}%: points") as advance:
         found = api.search(target_overhead, cfg.model, cfg.hardware, search_strategy=search_strategy, policy=cfg.policy,
-                           **fields)
+                           progress=advance, **fields)
     if found.result is not None and found.chosen is not None:  # the chosen configuration states its baseline too
         from tiersim.sim.verdict import comparison
 

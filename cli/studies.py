@@ -144,13 +144,42 @@ def print_scaling(rows: list[dict], policy, steps: int, strategies: tuple[str, .
     print_table(t)
 
 
+def _length(ctx: click.Context, param: click.Parameter, value):
+    """A token count as an int; a preset, file or 'trace' as given."""
+    return int(value) if value is not None and value.strip().isdigit() else value
+
+
+SERVE = "tiersim.sim.serve_run:ServeConfig"
+# advise's open-loop options: given only with --rate (their defaults are ServeConfig's, so only a typed one is passed).
+ADVISE_SERVING = ("slo_ttft_ms", "slo_tpot_ms", "prompt_tokens", "output_tokens", "duration_s", "max_num_seqs",
+                  "max_num_batched_tokens", "preemption")
+
+
 @cli.command()
 @model_option(ADVISE, help="Model to serve.")
 @hardware_option(ADVISE)
 @run_options(SIM, ("gen_tokens",))
-@click.option("--slo-ms", type=float, default=None, help="Bound on the p99 decode step time (ms per output token).")
+@click.option("--batch", type=int, default=None,
+              help="Closed loop: every option at this batch, against full at its largest fitting batch "
+                   "[default: each option at its throughput-best batch].")
+@click.option("--rate", type=float, default=None,
+              help="Open loop: every option serves the same Poisson arrivals at this many requests/s, against full "
+                   "at the same rate, with each one's maximum sustainable rate under the SLO.")
+@click.option("--slo-ms", type=float, default=None,
+              help="Closed loop: bound on the p99 decode step time (ms per output token).")
+@option("--slo-ttft-ms", type=float, default_from=SERVE, help="Open loop (--rate): SLO on the time to first token, ms.")
+@option("--slo-tpot-ms", type=float, default_from=SERVE, help="Open loop (--rate): SLO on the time per output token, ms.")
+@option("--prompt-tokens", default=None, show_default=False, callback=_length, metavar="N|PRESET|FILE|trace",
+        help="Open loop: prompt lengths, a count, gsm8k/math500/aime or a file [default: the trace's prompts].")
+@option("--output-tokens", default=None, show_default=False, callback=_length, metavar="N|PRESET|FILE|trace",
+        help="Open loop: output lengths, a count, gsm8k/math500/aime, a file or trace [default: --gen-tokens].")
+@option("--duration", "duration_s", type=float, default=None, show_default=False, metavar="SECONDS",
+        help="Open loop: seconds of arrivals [default: 300 s or twice a median request's decode at the TPOT target].")
+@option("--max-num-seqs", type=int, default_from=SERVE, help="Open loop, vLLM: most sequences running at once.")
+@option("--max-num-batched-tokens", type=int, default_from=SERVE, help="Open loop, vLLM: token budget of one step.")
+@option("--preemption", default_from=SERVE, metavar="recompute|swap", help="Open loop: when KV blocks run out.")
 @option("--steps", type=int, default_from=ADVISE, help="Decode steps per simulation (warm start).")
-@option("--max-batch", type=int, default_from=ADVISE, help="Largest batch tried.")
+@option("--max-batch", type=int, default_from=ADVISE, help="Largest batch tried (without --batch or --rate).")
 @run_options(SIM, ("depth",))
 @trace_option
 @run_options(SIM, ("pinned", "seed", "reserve_frac"))
@@ -158,27 +187,72 @@ def print_scaling(rows: list[dict], policy, steps: int, strategies: tuple[str, .
 @copy_options(SIM)
 @policy_options
 @json_option
-def advise(slo_ms: float | None, max_batch: int, policy, json_out: str | None, **fields) -> None:
-    """Which strategy and batch serve best: full, tiered, evict-only."""
+def advise(batch: int | None, rate: float | None, slo_ms: float | None, max_batch: int, policy, json_out: str | None,
+           **fields) -> None:
+    """Which strategy serves best (full, tiered, evict-only): at one --batch, at one --rate, or each at its best batch.
+
+    Only options that fit are ranked; the verdict states the baseline (full at its largest fitting batch, or
+    full at the same rate) and says so when nothing fits.
+    """
     from tiersim import api
 
-    api.sim_config(policy=policy, **fields)  # every input checked before the spinner starts
-    with spinner("advise: each option at its throughput-best batch"):
-        a = api.advise(slo_ms=slo_ms, max_batch=max_batch, policy=policy, **fields)
+    ctx = click.get_current_context()
+    typed = [k for k in ADVISE_SERVING if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    serving = {k: fields.pop(k) for k in ADVISE_SERVING}
+    if rate is None and typed:
+        flag = next(p.opts[0] for p in ctx.command.params if p.name == typed[0])
+        raise TiersimError(f"{flag} sets the open loop; add --rate")
+    if batch is not None and rate is not None:
+        raise TiersimError("--batch (closed loop) and --rate (open loop) exclude each other; give one")
+    serving = {k: v for k, v in serving.items() if v is not None} if rate is not None else {}
+    api.sim_config(policy=policy, **fields)  # every input checked before the bar starts
+    what = (f"{rate:g} req/s, every option and its sustainable rate" if rate is not None else
+            f"batch {batch}, every option" if batch is not None else "each option at its throughput-best batch")
+    with bar(f"advise: {what}") as advance:
+        a = api.advise(batch=batch, rate=rate, slo_ms=slo_ms, max_batch=max_batch, policy=policy, progress=advance,
+                       **fields, **serving)
     if emit_json(json_out, a.to_dict()):
         return
-    slo = f", p99 step ≤ {slo_ms:g} ms" if slo_ms is not None else ""
-    t = new_table(f"{a.model} on {a.hardware}, {a.gen_tokens}-token chains, each option at its throughput-best batch{slo}",
-                  ("option", "batch", "largest fitting (est.)", "tokens/s", "step ms mean / p99",
-                   f"HBM GB (of {a.hbm_capacity_gb:g})", "attention mass lost"), left=("option",))
+    print_advice(a)
+    say(a.verdict)
+
+
+def print_advice(a) -> None:
+    """The advise table of the mode run: options at their best batch, at one batch, or at one rate."""
+    rank = {s: i + 1 for i, s in enumerate(a.ranking)}
+    if a.mode == "rate":
+        t = new_table(f"{a.model} on {a.hardware}, {a.rate:g} req/s; SLO TTFT <= {a.slo['ttft_ms']:g} ms, TPOT <= "
+                      f"{a.slo['tpot_ms']:g} ms; ranked: the options that fit", ("rank", "option", "within SLO %",
+                      "TTFT p50 ms", "TPOT p50 / p99 ms", "tokens/s", "max rate req/s", "HBM KV pool GB"),
+                      left=("option",))
+        for o in a.options:
+            num = lambda v, f="{:.1f}": "—" if v is None else f.format(v)  # noqa: E731
+            t.add_row(str(rank.get(o.strategy, "—" if o.fits else "does not fit")), o.strategy,
+                      num(None if o.goodput_share is None else 100 * o.goodput_share, "{:.0f}"), num(o.ttft_ms_p50),
+                      f"{num(o.tpot_ms_p50)} / {num(o.tpot_ms_p99)}", f"{o.throughput_tok_s:,.0f}",
+                      num(o.max_sustainable_rate_req_s, "{:.3g}"), f"{o.kv_hbm_gb:.1f}")
+        print_table(t)
+        return
+    slo = f", p99 step ≤ {a.slo_ms:g} ms" if a.slo_ms is not None else ""
+    title = (f"{a.model} on {a.hardware}, {a.gen_tokens}-token chains, every option at batch {a.batch}{slo}"
+             if a.mode == "batch" else
+             f"{a.model} on {a.hardware}, {a.gen_tokens}-token chains, each option at its throughput-best batch{slo}")
+    t = new_table(title + "; ranked: the options that fit", ("rank", "option", "batch", "largest fitting (est.)",
+                  "tokens/s", "step ms mean / p99", f"HBM GB (of {a.hbm_capacity_gb:g})", "attention mass lost"),
+                  left=("option",))
     for o in a.options:
         if not o.viable:
-            t.add_row(o.strategy, "—", str(o.max_batch_estimate), "—", "—", "—", "—")
+            tried = next((x for x in o.trials if x.batch == a.batch), None) if a.mode == "batch" else None
+            peak = f"{tried.hbm_peak_gb:.1f}" if tried is not None else "—"
+            t.add_row("does not fit" if tried is None or not tried.fits else "over SLO", o.strategy, "—",
+                      str(o.max_batch_estimate), "—", "—", peak, "—")
             continue
-        t.add_row(o.strategy, str(o.batch), str(o.max_batch_estimate), f"{o.throughput_tok_s:,.0f}",
-                  f"{o.step_ms_mean:.2f} / {o.step_ms_p99:.2f}", f"{o.hbm_peak_gb:.1f}", f"{100 * o.attention_mass_lost:.2f}%")
+        t.add_row(str(rank.get(o.strategy, "—")), o.strategy, str(o.batch), str(o.max_batch_estimate),
+                  f"{o.throughput_tok_s:,.0f}", f"{o.step_ms_mean:.2f} / {o.step_ms_p99:.2f}", f"{o.hbm_peak_gb:.1f}",
+                  f"{100 * o.attention_mass_lost:.2f}%")
     print_table(t)
-    say(a.verdict)
+    if (b := a.baseline) is not None and a.mode == "batch":
+        say(f"baseline: {b['why']}")
 
 
 @cli.command()

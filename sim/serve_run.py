@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from tiersim.workload.demand import read_run_trace, run_workload
 
 MIN_DURATION_S = 300.0  # Poisson arrivals, default: at least this, and twice a median request's decode at the TPOT SLO
 TRACE = "trace"  # a length spec: the trace requests' own lengths
+Progress = Callable[[int, int], None]  # progress(strategies done, strategies in all)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -272,13 +274,25 @@ def _serve_one(job: Job) -> tuple[str, ServingResult | None, dict]:
     return job.strategy, result, extra
 
 
-def _run_all(jobs: list[Job], workers: int | None) -> list[tuple]:
-    """The strategies' jobs, in forked processes (one per core by default) when there are several."""
+def _run_all(jobs: list[Job], workers: int | None, progress: Progress | None = None) -> list[tuple]:
+    """The strategies' jobs, in forked processes (one per core by default) when there are several;
+    `progress(done, total)` as each strategy is done (in the jobs' order)."""
     workers = min(len(jobs), os.cpu_count() or 1) if workers is None else max(1, workers)
+    done: list[tuple] = []
+
+    def collect(results) -> list[tuple]:
+        for r in results:
+            done.append(r)
+            if progress is not None:
+                progress(len(done), len(jobs))
+        return done
+
+    if progress is not None:
+        progress(0, len(jobs))
     if workers <= 1 or len(jobs) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_serve_one(j) for j in jobs]
+        return collect(_serve_one(j) for j in jobs)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_serve_one, jobs))
+        return collect(pool.map(_serve_one, jobs))
 
 
 def _tables(cfg: ServeConfig, trace: Trace, workers: int | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -286,7 +300,8 @@ def _tables(cfg: ServeConfig, trace: Trace, workers: int | None) -> tuple[np.nda
     return tier_tables(cfg, trace, workers) if any(get_strategy(n).applies_policy for n in cfg.served) else None
 
 
-def simulate_serving(cfg: ServeConfig, trace: Trace | None = None, workers: int | None = None) -> ServingRun:
+def simulate_serving(cfg: ServeConfig, trace: Trace | None = None, workers: int | None = None,
+                     progress: Progress | None = None) -> ServingRun:
     """Every strategy serves the same arrivals; metrics, maximum sustainable rates, the baseline and the verdict."""
     trace = read_run_trace(cfg.trace) if trace is None else trace
     requests, load, until = serving_requests(cfg, trace)  # a bad arrivals file is refused before any work
@@ -294,7 +309,7 @@ def simulate_serving(cfg: ServeConfig, trace: Trace | None = None, workers: int 
     if cfg.arrivals is not None:  # searched with Poisson arrivals of the file's lengths, over its span or longer
         specs = ([r.prompt_tokens for r in requests], [r.output_tokens for r in requests])
     span = until or max(max(r.arrival_s for r in requests), served_seconds(cfg, specs[1]))
-    done = _run_all([Job(cfg, n, tables, requests, until, span, specs) for n in cfg.served], workers)
+    done = _run_all([Job(cfg, n, tables, requests, until, span, specs) for n in cfg.served], workers, progress)
     results, serving = {}, {}
     for name, result, extra in done:
         results[name] = result
@@ -306,7 +321,8 @@ def simulate_serving(cfg: ServeConfig, trace: Trace | None = None, workers: int 
     return ServingRun(summary, results)
 
 
-def rate_sweep(cfg: ServeConfig, rates=None, trace: Trace | None = None, workers: int | None = None) -> ServingRun:
+def rate_sweep(cfg: ServeConfig, rates=None, trace: Trace | None = None, workers: int | None = None,
+               progress: Progress | None = None) -> ServingRun:
     """Every strategy at each Poisson rate (same seed): one row per (strategy, rate), for the throughput–latency curve."""
     rates = parse_rates(cfg.rates if rates is None else rates)
     if not rates:
@@ -314,10 +330,12 @@ def rate_sweep(cfg: ServeConfig, rates=None, trace: Trace | None = None, workers
     trace = read_run_trace(cfg.trace) if trace is None else trace
     tables, specs = _tables(cfg, trace, workers), length_specs(cfg, trace)
     duration = served_seconds(cfg, specs[1])
-    done = _run_all([Job(cfg, n, tables, None, duration, duration, specs, rates) for n in cfg.served], workers)
+    done = _run_all([Job(cfg, n, tables, None, duration, duration, specs, rates) for n in cfg.served], workers,
+                    progress)
     rows, serving = [], {}
     for name, _, extra in done:
-        ok = [rate for rate, m in extra["sweep"] if m is None or (m["goodput_share"] or 0.0) >= SUSTAINABLE_SHARE]
+        # Unknown is not a pass: a rate that brought no request, or no known outcome, is not sustainable.
+        ok = [rate for rate, m in extra["sweep"] if m is not None and (m["goodput_share"] or 0.0) >= SUSTAINABLE_SHARE]
         for rate, m in extra["sweep"]:
             if m is not None:
                 rows.append({"strategy": name, "rate_req_s": rate, **m})

@@ -9,7 +9,8 @@ Definitions (times in ms in the metrics, seconds in the records):
 - Goodput under an SLO: a finished request meets it when TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms. Its share is
   counted over the requests whose outcome is known at the end: the finished ones, and the unfinished ones already
   certain to miss (no first token after slo_ttft_ms, or elapsed decode time already over slo_tpot_ms x (output − 1)).
-  A rate is sustainable when that share is >= 90% (`max_sustainable_rate`).
+  A rate is sustainable when >= 90% of the requests that arrived meet it (`max_sustainable_rate`: each trial runs
+  on past its arrivals until every outcome is known, so an unfinished request never counts as a pass).
 - Mean queue length and concurrency are time averages over the run: the sum of every request's time waiting
   (running) divided by the run's length. Occupancy: the blocks held each step × bytes per block (+ staging).
 """
@@ -30,7 +31,7 @@ from tiersim.sim.scheduler import DEFAULT_CONFIG, WAITING, ExtraTime, KVSplit, R
 from tiersim.sim.step_time import StepTime
 from tiersim.workload.arrivals import LengthSpec, Request, poisson_requests
 
-SUSTAINABLE_SHARE = 0.90  # a rate is sustainable when >= 90% of the requests (outcome known) meet the SLO
+SUSTAINABLE_SHARE = 0.90  # a rate is sustainable when >= 90% of the requests that arrived meet the SLO
 PERCENTILES = (50, 90, 99)
 
 
@@ -189,6 +190,17 @@ def goodput(requests: pd.DataFrame, end_s: float, slo: SLO | None) -> dict:
             "goodput_req_s": float(met.sum()) / end_s if end_s else 0.0, "slo_known": known}
 
 
+def known_by_s(requests: Sequence[Request], slo: SLO) -> float:
+    """When every request's SLO outcome is known: the last arrival + TTFT target + the longest output's TPOT budget.
+
+    By then a request either finished, or is certain to miss: no first token within the TTFT target, or (first
+    token in time) more than `tpot_ms` × (output − 1) spent decoding since (`goodput`'s rule for open requests).
+    """
+    last = max(r.arrival_s for r in requests)
+    longest = max(r.output_tokens for r in requests)
+    return last + (slo.ttft_ms + slo.tpot_ms * longest) * 1e-3
+
+
 @dataclass(frozen=True, slots=True)
 class RateSearch:
     """The largest arrival rate served within the SLO, and every rate tried (rate, goodput share)."""
@@ -203,12 +215,14 @@ def max_sustainable_rate(step_time: StepTime, capacity: KVCapacity, slo: SLO, *,
                          config: SchedulerConfig = DEFAULT_CONFIG, split: KVSplit | None = None,
                          extra_s: ExtraTime | None = None, seed: int = 0, start_rate: float = 1.0,
                          rel_tol: float = 0.05, max_trials: int = 24) -> RateSearch:
-    """Bisect the Poisson arrival rate at which >= 90% of requests (outcome known) meet `slo`.
+    """Bisect the Poisson arrival rate at which >= 90% of the requests that arrived meet `slo`.
 
-    Each trial serves `duration_s` seconds of arrivals drawn with the same seed (times scale with
-    1/rate, lengths are the same), so goodput falls with the rate and the search brackets it: double
-    or halve from `start_rate` until one rate passes and one fails, then bisect until the bracket is
-    within `rel_tol` of the rate.
+    Each trial draws `duration_s` seconds of arrivals with the same seed (times scale with 1/rate,
+    lengths are the same), so goodput falls with the rate and the search brackets it: double or halve
+    from `start_rate` until one rate passes and one fails, then bisect until the bracket is within
+    `rel_tol` of the rate. A trial is served past `duration_s` until every arrival's outcome is known
+    (`known_by_s`), so no request still running at the end counts as a pass; a trial whose goodput is
+    still unknown all the same, or in which no request arrived, fails.
     """
     check.number("duration_s", duration_s, 0, low_open=True)
     check.number("start_rate", start_rate, 0, low_open=True)
@@ -218,11 +232,13 @@ def max_sustainable_rate(step_time: StepTime, capacity: KVCapacity, slo: SLO, *,
     def passes(rate: float) -> bool:
         reqs = poisson_requests(rate, duration_s=duration_s, prompt_tokens=prompt_tokens,
                                 output_tokens=output_tokens, seed=seed)
-        if not reqs:
-            trials.append((rate, 1.0))
-            return True
-        m = serve(reqs, step_time, capacity, config, until_s=duration_s, slo=slo, split=split, extra_s=extra_s).metrics
-        share = m["goodput_share"] if m["goodput_share"] is not None else 1.0
+        if not reqs:  # nothing arrived: nothing shown sustainable (unknown is not a pass)
+            trials.append((rate, 0.0))
+            return False
+        m = serve(reqs, step_time, capacity, config, until_s=known_by_s(reqs, slo), slo=slo, split=split,
+                  extra_s=extra_s).metrics
+        known = m["goodput_share"] is not None and m["slo_known"] == m["requests_arrived"]
+        share = m["goodput_share"] if known else 0.0  # unknown is not a pass
         trials.append((rate, share))
         return share >= SUSTAINABLE_SHARE
 

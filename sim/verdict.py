@@ -4,13 +4,15 @@ Closed loop (`simulate`): comparing a tiered strategy against `full` at the same
 when `full` does not fit there (the default: 156 GB of KV on a 141 GB GPU), so the baseline is
 `full` at the largest batch that fits, simulated over the run's own steps at that batch (the
 summary's `max_batch_full` estimate, checked by simulating it and lowered until its peak fits, at
-most MAX_FULL_PROBES tries), beside `full` at the same batch only when that fits. Two cheap extra
-runs, cut to CUT_STEPS decode steps, measure the alternatives a serving engineer would try next:
-the tiered strategy at its own largest fitting batch (`max_batch`), and the other side of the
-trade at the same batch — `evict-only` for an exact strategy, `prefetch-layer` for `evict-only`,
-both for `full`. The verdict names the cut-short runs as such. A larger β, cpu-attention or
-another block size are left to `--target-overhead --search-strategy` and `advise`: each needs a
-policy replay or a slower model, more than a summary's share of the wall time.
+most MAX_FULL_PROBES tries), beside `full` at the same batch only when that fits. Extra runs, cut to
+CUT_STEPS decode steps, measure the alternatives a serving engineer would try next: the tiered
+strategy at its own largest fitting batch (`max_batch`); at the same batch, the other side of the
+trade (`evict-only` for an exact strategy, `prefetch-layer` for `evict-only`, both for `full`) and
+`cpu-attention`; and, for a strategy that applies the policy, the next β of an eighths grid above
+the run's and KV blocks twice as large (the tiering unit, page_size, kept: a new unit would need
+one more policy replay). The larger β needs a replay of the policy, done once (about 1.3 s for the
+default trace on a 2-core VM) and then read from the schedule cache (workload/cache.py). The
+verdict names the best that fits, and calls the cut-short runs so.
 
 Open loop (`simulate --rate/--arrivals/--rates`): every strategy serves the same arrivals; the
 baseline is `full` at that load, and the verdict compares goodput under the SLO and each
@@ -24,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tiersim.errors import TiersimError
 from tiersim.sim.config import SimConfig
 from tiersim.sim.costs import GB
 from tiersim.sim.memory import account_memory, max_batch
@@ -38,6 +41,8 @@ MAX_FULL_PROBES = 3
 # once (vLLM's max_num_seqs defaults are 256 to 1,024); a small model that fits thousands is reported as fitting this.
 BATCH_CAP = 1024
 EXACT_ALTERNATIVE = "prefetch-layer"  # what evict-only and full are measured against
+CPU_ATTENTION = next(s.name for s in STRATEGIES.values() if s.host_attends)  # the host attends instead of copying
+BETA_GRID = 8  # a larger β is the next multiple of 1/8: points the β search (studies/search.py) also visits
 LOSSY = next(s.name for s in STRATEGIES.values() if s.lossy)  # evict-only: what an exact strategy is measured against
 
 
@@ -50,6 +55,7 @@ class Measured:
     batch: int
     steps: int  # decode steps simulated
     hbm_ratio: float
+    block_size: int
     step_ms: float
     throughput_tok_s: float
     hbm_peak_gb: float
@@ -63,7 +69,8 @@ class Measured:
 
 def measured(label: str, cfg: SimConfig, s: dict) -> Measured:
     """A Measured from a closed-loop summary of `cfg`."""
-    return Measured(label, cfg.strategy, cfg.batch, cfg.decode_steps, cfg.policy.hbm_ratio, s["step_ms_mean"],
+    return Measured(label, cfg.strategy, cfg.batch, cfg.decode_steps, cfg.policy.hbm_ratio, cfg.block_size,
+                    s["step_ms_mean"],
                     s["throughput_tok_s"], s["hbm_peak_gb"], bool(s["fits"]), s["attention_mass_evicted"])
 
 
@@ -116,7 +123,8 @@ def _full_label(cfg: SimConfig, batch: int) -> str:
 
 
 def alternatives(cfg: SimConfig, summary: dict, trace: Trace, workers: int | None) -> tuple[Measured | None, list]:
-    """The cut-short extra runs: the strategy at its own largest fitting batch, and the other side of the trade."""
+    """The cut-short extra runs: the strategy at its own largest fitting batch, and the alternatives at the run's
+    batch (`alternative_configs`)."""
     cut = replace(cfg, steps=min(CUT_STEPS, cfg.decode_steps))
     s = cfg.strategy_record
     at_max = None
@@ -125,12 +133,44 @@ def alternatives(cfg: SimConfig, summary: dict, trace: Trace, workers: int | Non
         label = f"{cfg.strategy} at its largest fitting batch, {c.batch}" if c.batch == summary["max_batch"] else \
             f"{cfg.strategy} at batch {c.batch}, the most the comparison runs"
         at_max = measured(label, c, run_summary(c, trace, workers))
-    if not s.applies_policy:  # full: both sides of the trade at the same batch
-        names = (EXACT_ALTERNATIVE, LOSSY)
-    else:
-        names = (EXACT_ALTERNATIVE,) if s.lossy else (LOSSY,)
-    runs = [replace(cut, strategy=n) for n in names]
-    return at_max, [measured(f"{c.strategy} at batch {cfg.batch}", c, run_summary(c, trace, workers)) for c in runs]
+    return at_max, [measured(label, c, run_summary(c, trace, workers)) for label, c in alternative_configs(cut)]
+
+
+def larger_beta(beta: float) -> float | None:
+    """The next β of BETA_GRID above `beta` (None at 1): what keeping more of the cache in HBM buys."""
+    return next((b for b in (k / BETA_GRID for k in range(1, BETA_GRID + 1)) if b > beta + 1e-9), None)
+
+
+def other_block(cfg: SimConfig) -> SimConfig | None:
+    """`cfg` with KV blocks twice as large and the same tiering unit (page_size), so the policy's schedules are
+    the run's own (cached) and no replay is needed; None when that unit does not nest with the larger block."""
+    try:
+        return replace(cfg, block_size=2 * cfg.block_size)
+    except TiersimError:
+        return None
+
+
+def alternative_configs(cut: SimConfig) -> list[tuple[str, SimConfig]]:
+    """What a serving engineer would try next at the same batch, each a (label, config) of a cut-short run.
+
+    The other side of the trade (`evict-only` for an exact strategy, `prefetch-layer` for `evict-only`, both for
+    `full`), `cpu-attention` (the host attends over the DDR tier instead of copying it), and, for a strategy that
+    applies the policy, a larger β (the next of BETA_GRID) and blocks twice as large.
+    """
+    s, batch = cut.strategy_record, cut.batch
+    names = (EXACT_ALTERNATIVE, LOSSY) if not s.applies_policy else (EXACT_ALTERNATIVE,) if s.lossy else (LOSSY,)
+    names += (CPU_ATTENTION,) if CPU_ATTENTION not in (*names, s.name) else ()
+    out = [(f"{n} at batch {batch}", replace(cut, strategy=n)) for n in names]
+    if not s.applies_policy:
+        return out
+    beta = larger_beta(cut.policy.hbm_ratio)
+    if beta is not None:
+        out.append((f"{s.name} at β={beta:g}, batch {batch}",
+                    replace(cut, policy=replace(cut.policy, hbm_ratio=beta))))
+    block = other_block(cut)
+    if block is not None:
+        out.append((f"{s.name} with {block.block_size}-token blocks at batch {batch}", block))
+    return out
 
 
 def comparison(cfg: SimConfig, summary: dict, trace: Trace | None = None, workers: int | None = None) -> dict:
@@ -164,7 +204,7 @@ def baseline(cfg: SimConfig, summary: dict, full: Measured | None, tried: list) 
         why = f"{at}; its largest batch that fits is {full.batch} ({full.hbm_peak_gb:.1f} GB at its peak)"
     else:
         why = f"{at}; it fits batch {full.batch}, the most the comparison runs ({full.hbm_peak_gb:.1f} GB at its peak)"
-    return {**{k: v for k, v in full.to_dict().items() if k not in ("label", "hbm_ratio", "attention_mass_lost")},
+    return {**{k: v for k, v in full.to_dict().items() if k not in ("label", "hbm_ratio", "block_size", "attention_mass_lost")},
             "why": why, "same_batch": same, "batches_tried": [b for b, _, _ in tried]}
 
 
@@ -210,18 +250,24 @@ def closed_loop_verdict(cfg: SimConfig, s: dict, full: Measured | None, at_max: 
         return first
     cut = f"{min(m.steps for m in runs)}-step runs"
     best = max((m for m in (full, *runs) if m is not None and m.fits), key=lambda m: m.throughput_tok_s, default=None)
-    rest = "; ".join(_briefly(m) for m in runs if m is not best)
+    rest = "; ".join(_briefly(m, short=True) for m in runs if m is not best)
     if best is None:
         return f"{first} Nothing else measured fits ({cut}): {rest}."
     if best is full:
         return f"{first} None of the other runs ({cut}) serves more: {rest}."
     return (f"{first} The best alternative measured ({cut}) is {best.label}: {_briefly(best, False)}"
-            + (f"; {rest}." if rest else "."))
+            + (f"; the others: {rest}." if rest else "."))
 
 
-def _briefly(m: Measured, label: bool = True) -> str:
-    """'evict-only at batch 256: 9,949 tokens/s at 25.7 ms per step, losing 10.1% of the attention mass'."""
-    lost = f", losing {100 * m.attention_mass_lost:.1f}% of the attention mass" if get_strategy(m.strategy).lossy else ""
+def _briefly(m: Measured, label: bool = True, short: bool = False) -> str:
+    """'evict-only at batch 256: 9,949 tokens/s at 25.7 ms per step, losing 10.1% of the attention mass';
+    `short`: 'evict-only at batch 256: 9,949 tokens/s (loses 10.1% of the attention mass)', the runs after the best."""
+    lossy = get_strategy(m.strategy).lossy
+    if short:
+        notes = [n for n, on in (("does not fit", not m.fits),
+                                 (f"loses {100 * m.attention_mass_lost:.1f}% of the attention mass", lossy)) if on]
+        return f"{m.label}: {m.throughput_tok_s:,.0f} tokens/s" + (f" ({', '.join(notes)})" if notes else "")
+    lost = f", losing {100 * m.attention_mass_lost:.1f}% of the attention mass" if lossy else ""
     return (f"{m.label}: " if label else "") + _served(m) + ("" if m.fits else " but does not fit") + lost
 
 

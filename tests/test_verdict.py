@@ -54,7 +54,10 @@ def test_default_verdict_names_full_at_the_batch_that_fits(default_summary):
     assert f"{s['throughput_tok_s']:,.0f} tokens/s" in v and f"{CUT_STEPS}-step runs" in v
     m = s["at_max_batch"]
     assert m["strategy"] == "prefetch-layer" and m["batch"] == s["max_batch"] and m["steps"] == CUT_STEPS
-    assert [a["strategy"] for a in s["alternatives"]] == ["evict-only"]
+    # The other side of the trade, cpu-attention, the next β of the eighths grid and blocks twice as large.
+    assert [(a["strategy"], a["hbm_ratio"], a["block_size"]) for a in s["alternatives"]] == \
+        [("evict-only", 0.5, 16), ("cpu-attention", 0.5, 16), ("prefetch-layer", 0.625, 16), ("prefetch-layer", 0.5, 32)]
+    assert all(a["steps"] == CUT_STEPS and a["batch"] == 256 for a in s["alternatives"])
     assert v.count(". ") == 1 and v.endswith(".")  # two sentences
 
 
@@ -94,7 +97,7 @@ def test_weights_that_leave_no_room(trace_path):
     b = s["baseline"]
     assert b["batch"] == 0 and not b["fits"] and "leave no room" in b["why"]
     assert "full, which fits no batch" in s["verdict"]
-    assert [a["strategy"] for a in s["alternatives"]] == ["prefetch-layer", "evict-only"]
+    assert [a["strategy"] for a in s["alternatives"]] == ["prefetch-layer", "evict-only", "cpu-attention"]
 
 
 def test_relative():
