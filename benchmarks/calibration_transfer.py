@@ -3,7 +3,8 @@ fitting them, and print how far the fit's roofline misses B's whole-layer and lm
 
     python benchmarks/calibration_transfer.py [--device cpu] [--quick] [--json FILE]
 
-A (the defaults of `tiersim calibrate` on CPU): R1-Distill-Qwen-1.5B and a narrow 768-wide shape.
+A (the defaults of `tiersim calibrate` on CPU): R1-Distill-Qwen-1.5B and a narrow 512-wide shape, measured with B
+in interleaved rounds (hw/compute_rounds.py).
 B (the CPU validation suite's shapes): SmolLM2-135M and a Qwen2.5-0.5B-shaped model. The documented
 bound is calibration.fit.FIT_LIMIT (15% rms per held-out shape); the machine's load average is printed
 beside the numbers because a busy 2-core machine moves them. Not a test: it prints what it measured.
@@ -39,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cal.raw['device']['label']}; load average {load:.2f} -> {os.getloadavg()[0]:.2f}; "
           f"{time.perf_counter() - wall:.0f} s")
     print(f"fitted on {', '.join(c['shapes'])}: B {c['hbm_gbps']:.3g} GB/s, F {c['tflops']:.3g} TFLOP/s, launch "
-          f"{c['launch_us']:.1f} us (bound {c['launch_max_us'] or 0:.1f} us), rms residual {100 * c['rms_rel']:.1f}% "
-          f"({c['dropped']} flagged timings dropped)")
+          f"{c['launch_us']:.1f} us (bound {c['launch_max_us'] or 0:.1f} us), per GEMM call "
+          f"{c.get('matmul_fixed_us') or 0:.1f} us (bound {c.get('matmul_fixed_max_us') or 0:.1f} us), rms residual "
+          f"{100 * c['rms_rel']:.1f}% ({c['dropped']} flagged timings dropped)")
+    narrow = f.get("narrow_gemms") or {}
+    if "latency_us" in narrow:
+        print(f"  cold narrow GEMMs alone: {narrow['latency_us']:.1f} us per call + bytes / {narrow['gbps']:.3g} GB/s, "
+              f"{100 * narrow['rms_rel']:.1f}% rms")
     for shape, rms in c["residual_by_shape"].items():
         print(f"  fitted   {shape:>16}: {100 * rms:5.1f}% rms")
     worst = 0.0

@@ -18,6 +18,7 @@ import numpy as np
 
 from tiersim.calibration.fit import (
     FIT_LIMIT,
+    MATMULS_PER_LAYER,
     ComputeFit,
     LinkFit,
     check_shape,
@@ -27,7 +28,9 @@ from tiersim.calibration.fit import (
     fit_mechanisms,
     fit_roofline,
     kernel_work,
+    matmul_bound_s,
 )
+from tiersim.errors import TiersimError
 from tiersim.fileio import atomic_path, write_json
 from tiersim.specs import HardwareSpec, ModelSpec
 from tiersim.specs.hardware import datasheet_for
@@ -47,6 +50,11 @@ def shapes_of(raw: dict, role: str) -> list[tuple[ModelSpec, list[dict], list[di
     return [(ModelSpec.from_dict(s["model"]), s["layers"], s["head"]) for s in shapes if s["role"] == role]
 
 
+def narrow_gemms(raw: dict, role: str = "fitted") -> list[dict]:
+    """The cold narrow GEMM calls (hw/compute_rounds.py) measured on the shapes with `role`."""
+    return [p for s in raw.get("shapes") or [] if s["role"] == role for p in s.get("narrow_gemms") or []]
+
+
 def launch_bound_s(raw: dict) -> float | None:
     """The no-op layer's time (the replay's layer on a shape with nothing to compute): the launch cost's bound."""
     floor = (raw.get("launch") or {}).get("noop_layer")
@@ -58,8 +66,15 @@ def fits(raw: dict) -> dict:
     out = {name: fit_link(points).to_dict() for name, points in raw["copies"].items()}
     out["gather"] = fit_gather(raw["gather"] + raw.get("gather_rows", [])).to_dict()
     fitted, held = shapes_of(raw, "fitted"), shapes_of(raw, "held_out")
-    compute = fit_compute_shapes(fitted, launch_bound_s(raw), attention_efficiency=True, roofline_overlap=True)
+    gemms = narrow_gemms(raw)
+    compute = fit_compute_shapes(fitted, launch_bound_s(raw), attention_efficiency=True, roofline_overlap=True,
+                                 matmul_max_s=matmul_bound_s(gemms))
     out["compute"] = compute.to_dict()
+    if len(gemms) >= 2:  # the narrow GEMMs alone: per-call cost + bytes / rate, the cross-check of the layer fit's
+        try:
+            out["narrow_gemms"] = fit_link(gemms).to_dict()
+        except TiersimError as e:
+            out["narrow_gemms"] = {"unfitted": str(e)}
     out["held_out"] = [check_shape(compute, *s) for s in held]
     model = ModelSpec.from_dict(raw["model"])
     noop_op = (raw.get("launch") or {}).get("noop_op")
@@ -149,6 +164,7 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
         f"{' and Python dispatch' if cpu else ''}){bound}; 95% interval {_ci(c.launch_us_ci)} us; {c.residual()}"
         + ("; the fit put it at its bound 0, floored at 0.01 us" if c.launch_us < 0.01 else ""), c.within_limit)
     _structure_values(raw, fitted, put)
+    _matmul_value(fitted, put)
     g = _link_fit(fitted["gather"])
     per_row = f", {g.piece_us * 1e3:.1f} ns per row" if g.piece_us else ""
     put("ddr_gbps", 2 * g.gbps,
@@ -206,6 +222,23 @@ def _structure_values(raw: dict, fitted: dict, put) -> None:
             f"{1e3 * over['layer_s']:.3f} ms) less the no-op lm_head; a difference of medians, no fit residual")
 
 
+def _matmul_value(fitted: dict, put) -> None:
+    """matmul_fixed_us from the layer fit, with its bound and the narrow GEMMs' own per-call cost beside it; a fit
+    that put it at 0 leaves the field absent (the cost model's default)."""
+    c = ComputeFit(**fitted["compute"])
+    if not c.matmul_fixed_us or c.matmul_fixed_us < 0.01:
+        return
+    alone = fitted.get("narrow_gemms")
+    check = (f"; the cold narrow GEMMs alone (one token, each layer weight shape of the fitted shapes) fit "
+             f"{alone['latency_us']:.1f} us per call + bytes / {alone['gbps']:.3g} GB/s ({100 * alone['rms_rel']:.1f}% rms)"
+             if alone and "latency_us" in alone else "")
+    put("matmul_fixed_us", c.matmul_fixed_us,
+        f"fixed cost per GEMM call (the replay's layer makes {MATMULS_PER_LAYER}: qkv, o, gate/up, down; the lm_head "
+        f"1) of the same fit as hbm_gbps_effective, held in [0, {c.matmul_fixed_max_us:.1f}] us (the fastest cold "
+        f"narrow GEMM call measured); 95% interval {_ci(c.matmul_fixed_us_ci)} us{check}; {c.residual()}",
+        c.within_limit)
+
+
 def _mechanism_values(mech: dict, values: dict, sources: dict, where: str, marked: list[str]) -> None:
     """The copy mechanisms' optional constants (sim/copies.py) from their fits, where measured: the dma piece size
     at half the link rate, the batched copy's cost per piece, the gather kernel's share of the link."""
@@ -246,7 +279,12 @@ def fit_table(fitted: dict, marked: list[str]) -> dict:
         table["held_out_rms_pct"] = {h["shape"]: round(100 * h["rms_rel"], 2) for h in fitted["held_out"]}
     if c.get("launch_max_us") is not None:
         table["launch_bound_us"] = round(c["launch_max_us"], 3)
-    refinements = {k: round(c[k], 4) for k in ("attention_efficiency", "roofline_overlap") if c.get(k) is not None}
+    if c.get("matmul_fixed_max_us") is not None:
+        table["matmul_fixed_bound_us"] = round(c["matmul_fixed_max_us"], 3)
+    if fitted.get("narrow_gemms", {}).get("latency_us") is not None:
+        table["narrow_gemm_call_us"] = round(fitted["narrow_gemms"]["latency_us"], 3)
+    refinements = {k: round(c[k], 4) for k in ("attention_efficiency", "roofline_overlap", "matmul_fixed_us")
+                   if c.get(k) is not None}
     if refinements:  # the cost model's optional compute fields, fitted with the layer roofline
         table["compute_refinements"] = refinements
     kinds = {k: {"gbps": round(v["gbps"], 4), "tflops": round(v["tflops"], 5), "fixed_us": round(v["fixed_us"], 3),
@@ -312,8 +350,8 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     """(field, value, how) rows for the CLI table."""
     p = cal.profile
     rows = []
-    for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "attention_efficiency", "step_overhead_us",
-                "roofline_overlap", "h2d_gbps_pinned", "d2h_gbps_pinned",
+    for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "matmul_fixed_us", "attention_efficiency",
+                "step_overhead_us", "roofline_overlap", "h2d_gbps_pinned", "d2h_gbps_pinned",
                 "h2d_gbps_pageable", "d2h_gbps_pageable", "copy_latency_us", "duplex_factor", "ddr_gbps", "hbm_gb",
                 "ddr_gb", "hbm_gbps_spec", "bf16_tflops_spec"):
         value = getattr(p, key)
@@ -324,5 +362,6 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["Calibration", "build_profile", "fit_table", "fits", "launch_bound_s", "shapes_of", "summary_rows",
+__all__ = ["Calibration", "build_profile", "fit_table", "fits", "launch_bound_s", "narrow_gemms", "shapes_of",
+           "summary_rows",
            "write_profile"]

@@ -57,7 +57,11 @@ def calibrate(device: str, out: Path, model: str | None, quick: bool, name: str 
     need_extra("calibrate", "torch")
     dev = _device_or_usage(device)
     spec = api.as_model(model or ("r1-qwen-7b" if dev.type == "cuda" else "r1-qwen-1.5b"))
-    with spinner(f"calibrating {device} ({'quick' if quick else 'full'} set of microbenchmarks)"):
+    from tiersim.hw.calibrate import QUICK_ROUNDS, ROUNDS
+
+    rounds = QUICK_ROUNDS if quick else ROUNDS
+    with spinner(f"calibrating {device} ({'quick' if quick else 'full'} set of microbenchmarks; layers, heads and narrow "
+                 f"GEMMs of every shape in {rounds} interleaved rounds)"):
         cal = api.calibrate(device, spec, quick=quick, name=name)
     paths = cal.write(out)
     if emit_json(json_out, {"profile": cal.profile.to_dict(), "fits": cal.raw["fits"], "device": cal.raw["device"],

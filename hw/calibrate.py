@@ -2,8 +2,10 @@
 on one or more model shapes, and fit a hardware profile (calibration.fit, calibration.profile).
 
 Shapes: the model's own, plus (on CPU, where small shapes are dispatch-bound and large ones
-bandwidth-bound) a narrow one so that the fit spans both regimes; `held_out` shapes are measured and
-predicted by the fit, never fitted, and the profile's [fit] table lists both. The launch floor is the
+bandwidth-bound) a narrow one (512 wide, narrower than any shape the CPU suite validates) so that the fit
+spans both regimes; `held_out` shapes are measured and predicted by the fit, never fitted, and the
+profile's [fit] table lists both. Every shape's layers, lm_head and narrow GEMMs are measured in
+interleaved rounds (hw/compute_rounds.py: ROUNDS, QUICK_ROUNDS), each point the median of its rounds. The launch floor is the
 replay's own decoder layer (and lm_head) on a shape with nothing to compute: what a layer costs in
 launches and dispatch alone, the bound the fitted launch cost is held under.
 """
@@ -13,16 +15,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tiersim.calibration.profile import Calibration, build_profile, fits
+from tiersim.hw.compute_rounds import interleaved
 from tiersim.hw.copy_bench import BOUNCE_BYTES
 from tiersim.hw.device import device_name, resolve_device
 from tiersim.hw.kernels import head_kernel, layer_kernel
-from tiersim.hw.microbench import MIB, gather_curve, head_sweep, layer_points, layer_sweep, measure
+from tiersim.hw.microbench import MIB, gather_curve, layer_points, measure
 from tiersim.hw.streams import cpu_threads
 from tiersim.hw.timing import noop_s, time_op
 from tiersim.specs import ModelSpec
@@ -30,9 +34,11 @@ from tiersim.specs import ModelSpec
 # A shape with nothing to compute: every kernel of a layer launched on one- or two-element work.
 NOOP_MODEL = ModelSpec("noop", layers=1, attention_heads=2, kv_heads=1, head_dim=8, hidden=16, intermediate=16,
                        vocab=16, source="tiersim.hw.calibrate: the launch floor's shape")
-# On CPU, a narrow shape (12 heads of 64, hidden 768) beside the model's own: small layers are dispatch-bound.
-NARROW_MODEL = ModelSpec("fit-narrow-768", layers=12, attention_heads=12, kv_heads=4, head_dim=64, hidden=768,
-                         intermediate=2048, vocab=32000, source="tiersim.hw.calibrate: a narrow calibration shape")
+# On CPU, a narrow shape (8 heads of 64, hidden 512) beside the model's own: small layers are dispatch-bound, and
+# the fit should span the widths it predicts (the CPU suite's SmolLM2-135M is 576 wide).
+NARROW_MODEL = ModelSpec("fit-narrow-512", layers=12, attention_heads=8, kv_heads=2, head_dim=64, hidden=512,
+                         intermediate=1536, vocab=32000, source="tiersim.hw.calibrate: a narrow calibration shape")
+ROUNDS, QUICK_ROUNDS = 3, 2  # interleaved rounds of the compute measurements (hw/compute_rounds.py)
 
 
 def launch_floor(device, repeats: int = 7) -> dict:
@@ -69,12 +75,6 @@ def step_overhead(device: str, noop_head_s: float, steps: int = 40) -> dict:
             "overhead_us": max(0.0, medians[1] - layer - noop_head_s) * 1e6}
 
 
-def measure_shape(device, model: ModelSpec, role: str, quick: bool, repeats: int) -> dict:
-    """The whole-layer and lm_head sweeps of one more shape."""
-    return {"model": model.to_dict(), "role": role, "layers": layer_sweep(device, model, layer_points(quick), repeats),
-            "head": head_sweep(device, model, (1, 16) if quick else (1, 8, 64), repeats)}
-
-
 def row_gathers(device, model: ModelSpec, quick: bool, repeats: int) -> list[dict]:
     """Host gathers of rows of other sizes than the model's (head_dim / 2 and x 2): the per-row cost apart from
     the bytes."""
@@ -90,23 +90,31 @@ def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | No
     """Measure the machine on `model`'s shapes (and `shapes`: more fitted shapes; default on CPU: NARROW_MODEL),
     measure `held_out` shapes without fitting them, and fit a hardware profile; the raw data rides along."""
     dev = resolve_device(device)
-    raw = measure(device, model, quick)
+    wall = time.perf_counter()
+    raw = measure(device, model, quick, layers=False)
     reps = 3 if quick else 7
     extra = list(shapes) if shapes is not None else ([NARROW_MODEL] if dev.type == "cpu" else [])
+    fitted = [model] + [m for m in extra if m.name != model.name]
+    roles = {**{m.name: "held_out" for m in held_out}, **{m.name: "fitted" for m in fitted}}
+    everyone = fitted + [m for m in held_out if roles[m.name] == "held_out"]
     scope = cpu_threads(1) if dev.type == "cpu" else contextlib.nullcontext()
     with scope:
         raw["launch"] = launch_floor(dev, reps + 2)
-        raw["shapes"] = [{"model": raw["model"], "role": "fitted", "layers": raw["layers"], "head": raw["head"]}]
-        raw["shapes"] += [measure_shape(dev, m, "fitted", quick, reps) for m in extra if m.name != model.name]
-        raw["shapes"] += [measure_shape(dev, m, "held_out", quick, reps) for m in held_out]
+        rounds = QUICK_ROUNDS if quick else ROUNDS
+        got = interleaved(dev, everyone, layer_points(quick), (1, 16) if quick else (1, 8, 64), rounds, reps)
+        raw["rounds"] = rounds
+        raw["layers"], raw["head"] = got[model.name]["layers"], got[model.name]["head"]
+        raw["shapes"] = [{"model": m.to_dict(), "role": roles[m.name], **got[m.name]} for m in everyone]
         raw["gather_rows"] = row_gathers(dev, model, quick, reps)
     raw["launch"]["step_overhead"] = step_overhead(device, raw["launch"]["noop_head"]["median_s"])
     raw["bounce_bytes"] = BOUNCE_BYTES  # the host-gather benchmark's (and replay's order of) pinned chunk
-    fitted = fits(raw)
-    raw["fits"] = fitted
-    profile = build_profile(raw, fitted, name)
+    result = fits(raw)
+    raw["fits"] = result
+    profile = build_profile(raw, result, name)
     raw["profile"] = profile.to_dict()
+    raw["wall_s"] = time.perf_counter() - wall  # the whole calibration (measure's own part is in its sweeps)
     return Calibration(profile, raw)
 
 
-__all__ = ["NARROW_MODEL", "NOOP_MODEL", "Calibration", "calibrate", "launch_floor", "measure_shape", "step_overhead"]
+__all__ = ["NARROW_MODEL", "NOOP_MODEL", "QUICK_ROUNDS", "ROUNDS", "Calibration", "calibrate", "launch_floor",
+           "step_overhead"]

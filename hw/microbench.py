@@ -203,7 +203,7 @@ def link_gather_curve(device, model: ModelSpec, sizes=(MIB, 4 * MIB, 16 * MIB, 6
 # Compute: the model's GEMM shapes, attention, whole layers
 # ---------------------------------------------------------------------------------------------
 
-def _llc_bytes() -> int:
+def llc_bytes() -> int:
     try:
         with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
             text = f.read().strip()
@@ -212,9 +212,9 @@ def _llc_bytes() -> int:
         return 64 * MIB
 
 
-def _copies_beyond_cache(nbytes: int, device, cap: int = 12) -> int:
+def copies_beyond_cache(nbytes: int, device, cap: int = 12) -> int:
     """How many copies of a weight set to rotate through so that repeats stream from memory, not cache."""
-    cache = 64 * MIB if device.type == "cuda" else _llc_bytes()
+    cache = 64 * MIB if device.type == "cuda" else llc_bytes()
     return int(min(cap, max(2, math.ceil(3 * cache / max(1, nbytes)))))
 
 
@@ -233,7 +233,7 @@ def gemm_sweep(device, model: ModelSpec, tokens=(1, 8, 64, 512), repeats: int = 
     dtype, out = torch_dtype(model), []
     for name, (n_out, n_in) in gemm_shapes(model).items():
         nbytes = n_out * n_in * model.dtype_bytes
-        weights = [torch.randn(n_out, n_in, device=device).to(dtype) for _ in range(_copies_beyond_cache(nbytes, device, 4))]
+        weights = [torch.randn(n_out, n_in, device=device).to(dtype) for _ in range(copies_beyond_cache(nbytes, device, 4))]
         for m_tok in tokens:
             x = torch.randn(m_tok, n_in, device=device).to(dtype)
             t = time_op(Rotation(weights, functools.partial(_matmul_t, x)), device, repeats=repeats)
@@ -267,7 +267,7 @@ def attention_sweep(device, model: ModelSpec, batches=(1, 8), kv_lengths=(320, 1
     for b in batches:
         for n in kv_lengths:
             kv_bytes = b * n * m.kv_bytes_per_token_layer
-            pools = [_t0_chunks(m, b, n, chunk, device, dtype) for _ in range(_copies_beyond_cache(kv_bytes, device, 6))]
+            pools = [_t0_chunks(m, b, n, chunk, device, dtype) for _ in range(copies_beyond_cache(kv_bytes, device, 6))]
             q = torch.randn(b * m.kv_heads, g, m.head_dim, device=device).to(dtype)
             valid = n - (pools[0][2] - 1) * chunk
             t = time_op(Rotation(pools, lambda pool, q=q, valid=valid: decode_attention(q, pool[0], pool[1], valid)),
@@ -283,12 +283,12 @@ def layer_sweep(device, model: ModelSpec, points, repeats: int = 5) -> list[dict
     """Whole model-shaped decoder layers, the replay's own code (hw.kernels.layer_kernel): for each point
     (new tokens, sequences, KV tokens per sequence) RMSNorm, projections, KV write, attention over T0 chunks
     (decode) or causal SDPA (prefill, KV tokens 0) and the MLP. These points fit the cost model's layer time."""
-    most = _copies_beyond_cache(model.layer_weight_bytes, device, 8)
+    most = copies_beyond_cache(model.layer_weight_bytes, device, 8)
     weights = [LayerWeights.random(model, device, torch_dtype(model)) for _ in range(most)]
     out = []
     for tokens, batch, kv in points:
         kv_bytes = batch * kv * model.kv_bytes_per_token_layer
-        copies = _copies_beyond_cache(model.layer_weight_bytes + kv_bytes, device, most)
+        copies = copies_beyond_cache(model.layer_weight_bytes + kv_bytes, device, most)
         while copies > 2 and copies * 2 * kv_bytes > 0.25 * mem_total_bytes():
             copies -= 1
         kernel = layer_kernel(model, device_name(device), tokens, batch, kv, copies, weights=weights)
@@ -299,7 +299,7 @@ def layer_sweep(device, model: ModelSpec, points, repeats: int = 5) -> list[dict
 
 def head_sweep(device, model: ModelSpec, tokens=(1, 8, 64), repeats: int = 5) -> list[dict]:
     """Final norm + lm_head, the replay's head."""
-    copies = _copies_beyond_cache(model.vocab * model.hidden * model.dtype_bytes, device, 4)
+    copies = copies_beyond_cache(model.vocab * model.hidden * model.dtype_bytes, device, 4)
     return [{"tokens": n, **time_op(head_kernel(model, device_name(device), n, copies), device, repeats=repeats).to_dict()}
             for n in tokens]
 
@@ -312,7 +312,7 @@ def contention(device, model: ModelSpec, nbytes: int = 64 * MIB, repeats: int = 
     import torch
 
     dtype = torch_dtype(model)
-    copies = _copies_beyond_cache(model.layer_weight_bytes, device)
+    copies = copies_beyond_cache(model.layer_weight_bytes, device)
     ws = [LayerWeights.random(model, device, dtype) for _ in range(copies)]
     x = torch.randn(8, model.hidden).to(dtype)
     run = Rotation(ws, functools.partial(mlp, x))
@@ -345,7 +345,7 @@ def layer_points(quick: bool) -> list[tuple[int, int, int]]:
     batches = (1, 4, 16) if quick else (1, 4, 16, 64)
     lengths = _kv_lengths((1, 8) if quick else (1, 4, 16, 32))
     points = [(b, b, n) for b in batches for n in lengths]
-    points += [(256, 1, 0), (1024, 1, 0)] if quick else [(128, 1, 0), (512, 1, 0), (2048, 1, 0)]
+    points += [(256, 1, 0), (1024, 1, 0)] if quick else [(128, 1, 0), (512, 1, 0), (1024, 1, 0)]
     return points
 
 
@@ -364,8 +364,10 @@ def copy_mechanisms(dev, model: ModelSpec, quick: bool, reps: int) -> dict:
     return {"copy_mechanisms": curves, "interference": beside, "host_gather_threads": threads}
 
 
-def measure(device: str, model: ModelSpec, quick: bool = False) -> dict:
-    """Every microbenchmark of `calibrate`, as a JSON-ready dict (times in seconds, sizes in bytes)."""
+def measure(device: str, model: ModelSpec, quick: bool = False, layers: bool = True) -> dict:
+    """Every microbenchmark of `calibrate`, as a JSON-ready dict (times in seconds, sizes in bytes); without
+    `layers`, the whole-layer and head sweeps are left to the caller (hw/calibrate.py measures them interleaved
+    across shapes)."""
     dev = resolve_device(device)
     wall = time.perf_counter()
     reps = 3 if quick else 7
@@ -384,15 +386,16 @@ def measure(device: str, model: ModelSpec, quick: bool = False) -> dict:
         raw["gemm"] = gemm_sweep(dev, model, (1, 8, 256) if quick else (1, 8, 64, 512), reps)
         raw["attention"] = attention_sweep(dev, model, (1, 8) if quick else (1, 8, 32),
                                            _kv_lengths((2, 16) if quick else (2, 8, 32)), repeats=reps)
-        raw["layers"] = layer_sweep(dev, model, layer_points(quick), repeats=reps)
-        raw["head"] = head_sweep(dev, model, (1, 16) if quick else (1, 8, 64), reps)
+        if layers:
+            raw["layers"] = layer_sweep(dev, model, layer_points(quick), repeats=reps)
+            raw["head"] = head_sweep(dev, model, (1, 16) if quick else (1, 8, 64), reps)
         raw["contention"] = contention(dev, model, 16 * MIB if quick else 64 * MIB, reps)
     raw["wall_s"] = time.perf_counter() - wall
     return raw
 
 
 # DeviceError and resolve_device live in hw/device.py; re-exported because the CLI imports them from here.
-__all__ = ["COPY_SIZES", "DeviceError", "Rotation", "Timing", "attention_sweep", "contention", "copy_curve",
-           "copy_mechanisms",
-           "device_copy", "duplex", "gather_curve", "gemm_shapes", "gemm_sweep", "head_sweep", "layer_points",
-           "layer_sweep", "link_gather_curve", "measure", "resolve_device", "time_op"]
+__all__ = ["COPY_SIZES", "DeviceError", "Rotation", "Timing", "attention_sweep", "contention", "copies_beyond_cache",
+           "copy_curve", "copy_mechanisms", "device_copy", "duplex", "gather_curve", "gemm_shapes", "gemm_sweep",
+           "head_sweep", "layer_points", "layer_sweep", "link_gather_curve", "llc_bytes", "measure", "resolve_device",
+           "time_op"]

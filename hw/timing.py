@@ -15,6 +15,9 @@ set aside when enough undisturbed groups remain, and the point says how many wer
 few remain (a busy machine), the thread's CPU time per call stands in for its wall time and the point
 says so (the compute of the CPU device runs on one torch thread, the calling one).
 
+`combine_rounds` merges one point measured in several interleaved rounds (hw/compute_rounds.py): the median
+of the rounds' medians, with the CV across rounds; drift beyond the limit flags the point.
+
 `noop_s` measures what a kernel launch costs when there is nothing to compute: the floor under the
 per-layer launch cost that `calibrate` fits (calibration/fit.py bounds it by that measurement).
 """
@@ -225,6 +228,29 @@ def _current_core(allowed: set[int]) -> int:
         return min(allowed)
 
 
+def combine_rounds(rounds: list[Timing], cv_limit: float | None = CV_LIMIT) -> dict:
+    """One point measured in several interleaved rounds (hw/microbench.py `interleaved`): the median of the rounds'
+    medians, the CV across rounds (slow drift of a shared machine shows here, not inside a round), the range of
+    the rounds' medians as its interval (the distribution-free interval of a median of 3 to 5 rounds is
+    [min, max]), every round's own median and CV; flagged when the CV across rounds exceeds `cv_limit` or most
+    rounds were flagged themselves."""
+    med = np.array([t.median_s for t in rounds], dtype=np.float64)
+    cv = float(med.std() / med.mean()) if med.mean() > 0 else 0.0
+    lo, hi = median_ci(med)
+    why = []
+    if cv_limit is not None and cv > cv_limit:
+        why.append(f"CV {cv:.2f} across {len(rounds)} rounds above the {cv_limit:.2f} limit")
+    flagged_rounds = sum(t.flagged for t in rounds)
+    if 2 * flagged_rounds > len(rounds):
+        why.append(f"{flagged_rounds} of {len(rounds)} rounds flagged: " + "; ".join(t.reason for t in rounds if t.flagged))
+    return {"median_s": float(np.median(med)), "p10_s": float(np.percentile(med, 10)), "p90_s": float(np.percentile(med, 90)),
+            "min_s": float(min(t.min_s for t in rounds)), "max_s": float(max(t.max_s for t in rounds)),
+            "repeats": sum(t.repeats for t in rounds), "inner": rounds[0].inner, "cv": cv, "ci_low_s": lo, "ci_high_s": hi,
+            "disturbed": sum(t.disturbed for t in rounds), "flagged": bool(why), "reason": "; ".join(why),
+            "spread": float((np.percentile(med, 90) - np.percentile(med, 10)) / np.median(med)) if med.any() else 0.0,
+            "rounds": [round(float(x), 9) for x in med], "round_cv": [round(t.cv, 4) for t in rounds]}
+
+
 def noop_s(device, repeats: int = 9) -> Timing:
     """One launch of a kernel with nothing to compute (an in-place add of 0 to a one-element tensor)."""
     import torch
@@ -234,5 +260,5 @@ def noop_s(device, repeats: int = 9) -> Timing:
         return time_op(lambda: x.add_(0.0), device, warmup=20, repeats=repeats, min_repeat_s=5e-3)
 
 
-__all__ = ["CONFIDENCE", "CPU_SHARE_MIN", "CV_LIMIT", "Timing", "median_ci", "noop_s", "pinned_thread", "summarize",
-           "time_op"]
+__all__ = ["CONFIDENCE", "CPU_SHARE_MIN", "CV_LIMIT", "Timing", "combine_rounds", "median_ci", "noop_s", "pinned_thread",
+           "summarize", "time_op"]

@@ -73,8 +73,9 @@ def _spec(name: str, source: str, **shape) -> ModelSpec:
 def suite_for(device: str, quick: bool) -> Suite:
     """The fixed suite. CUDA: R1-Distill-Qwen-7B and Llama-3.1-8B shapes (8 layers each; batches 64 and 256, which
     are transfer-bound on PCIe), fitted on R1-Distill-Qwen-1.5B and -14B shapes. CPU: SmolLM2-135M (6 layers) and
-    a Qwen2.5-0.5B-shaped model (4 layers), fitted on R1-Distill-Qwen-1.5B and a narrow 768-wide shape (the
-    defaults of `calibrate` on CPU). Quick (CI): two tiny shapes fitted on a third. Policy: the paper's r; on CPU
+    a Qwen2.5-0.5B-shaped model (4 layers), fitted on R1-Distill-Qwen-1.5B and a narrow 512-wide shape (the
+    defaults of `calibrate` on CPU, spanning the validated widths 576 and 896). Quick (CI): two tiny shapes fitted
+    on a third. Policy: the paper's r; on CPU
     a 32-token window so that a short chain has a DDR tier."""
     policy = lambda **kw: PolicyConfig(evict_ratio=0.03, **kw)  # noqa: E731
     strategies = ("prefetch-layer", "prefetch-sync")
