@@ -89,6 +89,11 @@ class SimConfig(RunConfig):
         if hw.gpus_per_host is not None and self.tp > hw.gpus_per_host:
             raise check.ConfigError("tp", f"tp must be at most the {hw.gpus_per_host} GPUs of one {hw.name} host "
                                           f"(NVLink does not leave the host), got {self.tp}")
+        if self.ep > self.tp and (hw.nvlink_gbps is None or hw.nvlink_latency_us is None
+                                  or (hw.gpus_per_host is not None and self.ep > hw.gpus_per_host)):
+            raise check.ConfigError("ep", f"ep {self.ep} spans replicas and its all-to-all needs NVLink among GPUs of "
+                                          f"one host; {hw.name}'s profile gives no nvlink_gbps / nvlink_latency_us or "
+                                          f"fewer GPUs per host; accepted: ep <= tp, or ep within one NVLink host")
         self.share  # noqa: B018 - raises ConfigError naming tp/ep/weight_dtype when the model cannot be sharded so
 
     @property

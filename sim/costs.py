@@ -5,11 +5,15 @@ A kernel's time is its roofline, max(bytes / effective HBM bandwidth, FLOPs / ef
 taken per kernel group (the layer's matmuls, then its attention) plus a per-layer launch cost; sizes
 are one GPU's share of the deployment (sim/shard.py: TP-split heads and weights, experts touched at
 this batch, MLA attention in the absorbed form), and under TP each layer adds its two all-reduces
-over NVLink. Three optional profile fields refine the roofline where measured: `attention_efficiency`
-(share of the roofline attention kernels reach; 1.0 when absent), `step_overhead_us` (sampling and
+over NVLink; with expert parallelism across replicas each MoE layer adds its all-to-all (dispatch and
+combine). fp8 weights run their matmuls W8A8 at the profile's `fp8_tflops_effective` (the bf16 rate
+where the GPU has no FP8 tensor cores). Optional profile fields refine the roofline where measured:
+`attention_efficiency` (share of the roofline attention kernels reach; 1.0 when absent), `step_overhead_us` (sampling and
 scheduling per decode step; 0 when absent) and `roofline_overlap` (share o of the shorter of a kernel's
 memory and FLOP times hidden under the longer: max + (1 - o) x min; 1, the plain max, when absent; a CPU
-core streaming weights while it multiplies hides only part).
+core streaming weights while it multiplies hides only part); `matmul_fixed_us` (cost per GEMM call beyond its
+bytes and FLOPs, times the calls the replay's layer makes: fused qkv, o, fused gate/up, down, plus two per
+routed expert a step reaches; one for the lm_head; 0 when absent).
 A copy moves pieces of DDR-tier KV by a mechanism (sim/copies.py: dma, dma-batched, gather-kernel,
 host-gather, pageable), each with its per-call, per-piece and bandwidth terms; without one it costs a
 per-copy latency plus bytes / link bandwidth (the link-rate bound). The host's work (gathers, host
@@ -73,6 +77,25 @@ class CostModel:
         """Share of the shorter of memory and FLOP time hidden under the longer (profile `roofline_overlap`; 1.0)."""
         return _profile_value(self.hw, "roofline_overlap", 1.0)
 
+    @property
+    def matmul_fixed_s(self) -> float:
+        """Fixed cost per GEMM call beyond its bytes and FLOPs (profile `matmul_fixed_us`; 0 when absent)."""
+        return _profile_value(self.hw, "matmul_fixed_us", 0.0) * 1e-6
+
+    def matmul_calls(self, tokens: np.ndarray) -> np.ndarray:
+        """GEMM calls of the mean layer for a step over `tokens` new tokens, as the replay's layer makes them
+        (hw/kernels.py: qkv fused, o, gate/up fused, down); a MoE layer: qkv and o, and gate/up and down of each
+        routed expert the step reaches on this GPU (expected count; shared experts count as a dense MLP)."""
+        tokens = np.asarray(tokens, dtype=np.float64)
+        share = self.share
+        if not share.experts or not share.moe_layers:
+            return np.full_like(tokens, 4.0)
+        moe = 2.0 + 2.0 * share.experts / share.ep * share.expert_read_share(tokens)
+        if self.model.moe is not None and self.model.moe.shared_experts:
+            moe = moe + 2.0
+        frac = share.moe_layers / share.layers
+        return (1.0 - frac) * 4.0 + frac * moe
+
     def roofline(self, memory_s: np.ndarray, flops_s: np.ndarray) -> np.ndarray:
         """A kernel's time from its memory and FLOP times: the longer, plus the part of the shorter not hidden."""
         longer = np.maximum(memory_s, flops_s)
@@ -90,6 +113,12 @@ class CostModel:
         return self.hw.bf16_tflops_effective * 1e12
 
     @property
+    def fp8_flops_per_s(self) -> float:
+        """Effective dense fp8 rate in FLOP/s (profile `fp8_tflops_effective`); the bf16 rate on a GPU without FP8
+        tensor cores, where fp8 weights run weight-only (vLLM's FP8 Marlin)."""
+        return _profile_value(self.hw, "fp8_tflops_effective", self.hw.bf16_tflops_effective) * 1e12
+
+    @property
     def launch_s(self) -> float:
         """Fixed cost per layer (kernel launches)."""
         return self.hw.launch_us * 1e-6
@@ -99,8 +128,11 @@ class CostModel:
         read once (MoE: the experts its tokens reach), 2 FLOPs per active weight per token."""
         tokens = np.asarray(tokens, dtype=np.float64)
         weights = self.share.layer_weight_bytes(tokens)
-        flops = self.share.layer_flops_per_token * tokens
-        return self.roofline(weights / self.hbm_bytes_per_s, flops / self.flops_per_s)
+        fp8 = self.share.layer_fp8_flops_per_token * tokens  # W8A8 matmuls (fp8 weights), at the fp8 rate
+        flops_s = (self.share.layer_flops_per_token * tokens - fp8) / self.flops_per_s + fp8 / self.fp8_flops_per_s
+        roofline = self.roofline(weights / self.hbm_bytes_per_s, flops_s)
+        fixed = self.matmul_fixed_s
+        return roofline if fixed == 0.0 else roofline + fixed * self.matmul_calls(tokens)
 
     def allreduce_s(self, tokens: np.ndarray) -> np.ndarray:
         """One layer's two TP all-reduces over NVLink (ring: 2(tp-1)/tp of the bytes per GPU, plus a fixed cost
@@ -111,6 +143,18 @@ class CostModel:
             return np.zeros_like(tokens)
         nbytes = self.share.allreduce_bytes_per_token_layer * tokens
         return 2 * self.hw.nvlink_latency_us * 1e-6 + 2 * (tp - 1) / tp * nbytes / (self.hw.nvlink_gbps * GB)
+
+    def alltoall_s(self, tokens: np.ndarray) -> np.ndarray:
+        """The mean layer's share of the EP all-to-all over NVLink for `tokens` new tokens of this replica: per MoE
+        layer a dispatch and a combine (a fixed cost each, plus this GPU's bytes at the one-way NVLink rate); zero
+        when the expert group does not span replicas (specs/deployment.py)."""
+        tokens = np.asarray(tokens, dtype=np.float64)
+        g = self.share
+        if g.alltoall_bytes_per_token_moe_layer == 0:
+            return np.zeros_like(tokens)
+        moe_layer_s = 2 * self.hw.nvlink_latency_us * 1e-6 \
+            + g.alltoall_bytes_per_token_moe_layer * tokens / (self.hw.nvlink_gbps * GB)
+        return moe_layer_s * g.moe_layers / g.layers
 
     def qkv_share(self) -> float:
         """Share of a layer's matmul work in the projections that run before attention (q, k, v; MLA: the query
@@ -136,7 +180,7 @@ class CostModel:
         weights = self.share.head_weight_bytes
         flops = self.share.head_flops_per_token * np.asarray(tokens, dtype=np.float64)
         return self.roofline(weights / self.hbm_bytes_per_s, flops / self.flops_per_s) + self.launch_s \
-            + self.step_overhead_s
+            + self.step_overhead_s + self.matmul_fixed_s
 
     @property
     def host_gbps(self) -> float:

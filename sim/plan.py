@@ -46,7 +46,7 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
         matmul_s = np.full(len(zeros), cfg.fixed_compute_ms * 1e-3 / m.layers)
         attention_s, head_s = zeros, zeros
     else:
-        matmul_s = cost.matmul_s(new_tokens) + cost.allreduce_s(new_tokens) + cost.launch_s
+        matmul_s = cost.matmul_s(new_tokens) + cost.allreduce_s(new_tokens) + cost.alltoall_s(new_tokens) + cost.launch_s
         # The mean layer: full-attention layers attend their tiers, sliding ones their window (always in HBM).
         win = window_demand(w, g.sliding_window)
         kv_tokens = gpu_tokens * g.full_share + win.decode_tokens * g.sliding_share
@@ -106,6 +106,17 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
         serial_copies=cost.copy.on_compute_stream and s.fetches_per_layer,
         copy_method=cost.copy.name, h2d_pieces=h2d_pieces, d2h_pieces=demoted_pieces,
     ), layer_bytes, demoted_bytes
+
+
+def collectives_ms_per_step(w: Workload, cost: CostModel, cfg: SimConfig) -> dict[str, float]:
+    """Mean time per decode step of the NVLink collectives inside the plan's compute: the TP all-reduces of every
+    layer and the EP all-to-all of the MoE layers (0 without them, or when a fixed compute time replaces the roofline)."""
+    if cfg.fixed_compute_ms is not None:
+        return {"allreduce_ms_per_step": 0.0, "alltoall_ms_per_step": 0.0}
+    new_tokens = w.column("decode") + w.column("prefill_tokens")
+    layers = cost.model.layers
+    return {"allreduce_ms_per_step": float(layers * cost.allreduce_s(new_tokens).mean() * 1e3),
+            "alltoall_ms_per_step": float(layers * cost.alltoall_s(new_tokens).mean() * 1e3)}
 
 
 def interference(cost: CostModel, nbytes, seconds) -> np.ndarray:

@@ -20,7 +20,7 @@ from tiersim.sim.copies import mean_piece_bytes
 from tiersim.sim.costs import GB, CostModel
 from tiersim.sim.engine import StepPlan, Timeline
 from tiersim.sim.memory import Memory, account_memory, max_batch
-from tiersim.sim.plan import bound_s, choose_copy, make_plan
+from tiersim.sim.plan import bound_s, choose_copy, collectives_ms_per_step, make_plan
 from tiersim.strategy import BASELINE
 from tiersim.traces.format import Trace
 from tiersim.workload.build import Workload, block_totals
@@ -78,6 +78,7 @@ def simulate_workload(cfg: SimConfig, w: Workload) -> SimResult:
     steps = step_table(w, plan, tl, mem, layer_bytes, demoted)
     summary = summarize(cfg, w, plan, tl, mem, tl_full, mem_full, steps)
     summary["copy_method_estimates_ms"] = estimates  # auto: each candidate's mean estimated step
+    summary.update(collectives_ms_per_step(w, cost, cfg))  # TP all-reduce and EP all-to-all, inside compute_ms
     summary["sim_wall_s"] = time.perf_counter() - wall
     summary["sim_events"] = tl.events + (tl_full.events if tl_full is not tl else 0)
     # Which engine drew the timelines (sim/recurrence.py: the exact recurrence, or SimPy where it does not reach).

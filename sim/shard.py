@@ -11,7 +11,12 @@ model (sim/costs.py), the step plan and the memory account. Every size is per GP
   (expected count, uniform routing, over the tokens of every replica in the EP group), the lm_head;
   the input embedding only gives rows.
 - FLOPs: 2 per active weight per token; TP-split weights over tp, replicated ones (norms, router,
-  MLA down-projections) in full on every GPU.
+  MLA down-projections) in full on every GPU. With fp8 weights the quantized matmuls (attention, MLA
+  projections, MLPs, experts) run W8A8 at the GPU's fp8 rate (`layer_fp8_flops_per_token`), as vLLM runs
+  fp8 checkpoints on GPUs with FP8 tensor cores; weight-only formats (int8, int4, mxfp4, the uniform
+  `weight_bits`) dequantize to bf16 and keep the bf16 rate.
+- Collectives: the TP all-reduces of every layer, and the EP all-to-all of each MoE layer when the
+  expert group spans replicas (specs/deployment.py says when and how many bytes).
 
 A dense model on one GPU at its own dtype gives exactly the numbers of the single-GPU model.
 """
@@ -54,6 +59,10 @@ class GPUShare:
     layer_flops_per_token: float  # matmul FLOPs of one token in one layer (mean over layers), this GPU
     head_flops_per_token: float
     allreduce_bytes_per_token_layer: int  # TP: the two all-reduces of one layer, per token; 0 at tp 1
+    moe_layers: int  # layers with routed experts (0 for a dense model)
+    alltoall_bytes_per_token_moe_layer: float  # EP across replicas: dispatch + combine bytes of one MoE layer, per
+    # token of this replica, sent by this GPU; 0 without an all-to-all
+    layer_fp8_flops_per_token: float  # the part of layer_flops_per_token run W8A8 at the fp8 rate (fp8 weights only)
     experts: int  # routed experts per MoE layer; 0 for a dense model
     experts_per_token: int
     weights_label: str  # how the weights are stored: a weight_dtype, or "N-bit (all weights)"
@@ -140,6 +149,10 @@ def gpu_share(model: ModelSpec, tp: int = 1, ep: int = 1, dp: int = 1, *, weight
     kv_element = dep.kv_bytes_per_element if kv_dtype else model.dtype_bytes
     kvl = g.kv_bytes_per_token_layer // dep.kv_bytes_per_element * kv_element
     mla = model.mla
+    layer_flops = 2.0 * ((active_layers - replicated) / tp + replicated) / model.layers
+    # W8A8: every layer matmul but the router (and the norms and biases in `other`), which stay 16-bit.
+    fp8_flops = layer_flops - 2.0 * (d["router"] + d["other"] - model.hidden) / model.layers \
+        if weight_dtype == "fp8" else 0.0
     return GPUShare(
         tp=tp, ep=ep, dp=dp, layers=model.layers, full_layers=len(model.full_layers),
         sliding_window=model.sliding_window if model.sliding_layers else None,
@@ -148,9 +161,11 @@ def gpu_share(model: ModelSpec, tp: int = 1, ep: int = 1, dp: int = 1, *, weight
         value_width=model.head_dim if mla is None else mla.kv_lora_rank,
         kv_bytes_per_token_layer=kvl, kv_element_bytes=kv_element,
         weight_bytes=weights, expert_weight_bytes=experts, step_weight_bytes=step, head_weight_bytes=table_bytes,
-        layer_flops_per_token=2.0 * ((active_layers - replicated) / tp + replicated) / model.layers,
+        layer_flops_per_token=layer_flops,
         head_flops_per_token=2.0 * model.vocab * model.hidden / tp,
         allreduce_bytes_per_token_layer=g.allreduce_bytes_per_token_layer,
+        moe_layers=model.moe_layers, alltoall_bytes_per_token_moe_layer=g.alltoall_bytes_per_token_moe_layer,
+        layer_fp8_flops_per_token=fp8_flops,
         experts=0 if model.moe is None else model.moe.experts,
         experts_per_token=0 if model.moe is None else model.moe.experts_per_token,
         weights_label=weight_dtype or f"{8 * model.dtype_bytes if weight_bits is None else weight_bits}-bit "

@@ -125,7 +125,8 @@ class CostStepTime:
         # The mean layer, as make_plan: full-attention layers attend their tiers, sliding ones their window.
         kv_tokens = (attended + b.prefill_context_tokens) * g.full_share + (win_decode + win_read) * g.sliding_share
         pairs = (attended + b.prefill_pairs) * g.full_share + (win_decode + win_pairs) * g.sliding_share
-        matmul = float(cost.matmul_s(b.new_tokens) + cost.allreduce_s(b.new_tokens) + cost.launch_s)
+        matmul = float(cost.matmul_s(b.new_tokens) + cost.allreduce_s(b.new_tokens) + cost.alltoall_s(b.new_tokens)
+                       + cost.launch_s)
         attention = float(cost.attention_s(kv_tokens * self.kv_layer, pairs))
         return self.layers * (matmul + attention) + float(cost.head_s(b.seqs))
 

@@ -7,6 +7,16 @@ a replica; when a model has fewer KV heads than `tp`, each KV head is replicated
 lm_head are split by vocabulary; norms, routers and MLA down-projections (ReplicatedLinear) are
 replicated. With `ep` > 1 whole experts are placed on the ep GPUs (vLLM's expert parallelism spans
 tp x dp GPUs); experts are otherwise TP-sliced, so each GPU holds 1 / max(tp, ep) of them.
+
+Collectives, per token of a replica: under TP two all-reduces per layer of hidden x activation bytes. When
+the EP group spans replicas (ep > tp, hence dp > 1) each MoE layer also dispatches every token's hidden
+state to the GPUs holding its top-k experts and combines the results back (vLLM's all2all kernels run only
+then: `FusedMoEParallelConfig.use_all2all_kernels` is `dp_size > 1 and use_ep`, vllm/model_executor/layers/
+fused_moe/config.py). Each GPU of a replica dispatches its 1/tp of the replica's tokens; of the top_k copies
+of a token, (ep - 1)/ep go to other GPUs (uniform routing, one copy per expert as pplx and the all-to-all-v
+backends send; DeepEP sends one per destination GPU, fewer). Dispatch and combine move the same bytes:
+2 x hidden x activation bytes x top_k x (ep - 1)/ep / tp per token. With ep <= tp the experts sit inside
+the replica, whose GPUs all hold every token, and the TP all-reduce combines their outputs: no all-to-all.
 """
 
 from __future__ import annotations
@@ -96,6 +106,9 @@ class PerGPU:
     weight_bytes: float  # all weights this GPU holds
     expert_weight_bytes: float  # the routed-expert part of weight_bytes
     allreduce_bytes_per_token_layer: int  # TP: two all-reduces per layer of hidden x activation bytes; 0 at tp 1
+    # EP across replicas: bytes this GPU sends (and receives) in one MoE layer's dispatch and combine, per token of
+    # its replica; 0 when ep <= tp (no all-to-all: see the module docstring)
+    alltoall_bytes_per_token_moe_layer: float
 
     def kv_bytes_per_sequence(self, model: ModelSpec, context_tokens: int) -> int:
         """This GPU's KV bytes for one sequence of `context_tokens` tokens (sliding layers capped at the window)."""
@@ -123,7 +136,16 @@ def per_gpu(model: ModelSpec, dep: Deployment) -> PerGPU:
         kv_bytes_per_token_global=len(model.full_layers) * per_layer, kv_bytes_sliding_fixed=sliding,
         weight_bytes=weights, expert_weight_bytes=experts,
         allreduce_bytes_per_token_layer=2 * model.hidden * model.dtype_bytes if dep.tp > 1 else 0,
+        alltoall_bytes_per_token_moe_layer=_alltoall_bytes(model, dep),
     )
+
+
+def _alltoall_bytes(model: ModelSpec, dep: Deployment) -> float:
+    """One GPU's dispatch + combine bytes in one MoE layer per token of its replica (0 without an all-to-all)."""
+    if model.moe is None or dep.ep <= dep.tp:
+        return 0.0
+    k = model.moe.experts_per_token
+    return 2.0 * model.hidden * model.dtype_bytes * k * (dep.ep - 1) / dep.ep / dep.tp
 
 
 def _weight_bytes(model: ModelSpec, dep: Deployment) -> tuple[float, float]:

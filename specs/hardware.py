@@ -28,7 +28,8 @@ _TEXT_FIELDS = ("name", "description", "link")
 _OPTIONAL_FIELDS = ("nvlink_gbps", "nvlink_latency_us", "gpus_per_host", "sockets", "cores_per_socket",
                     "ddr_gbps_per_socket", "dma_half_size_kb", "dma_batch_descriptor_us", "gather_kernel_link_frac",
                     "gather_kernel_sm_share", "host_gather_chunk_mb", "host_core_gflops", "host_roundtrip_us",
-                    "attention_efficiency", "step_overhead_us", "roofline_overlap")
+                    "attention_efficiency", "step_overhead_us", "roofline_overlap", "matmul_fixed_us",
+                    "fp8_tflops_spec", "fp8_tflops_effective")
 # Optional fields that are shares: at most 1 (an SM share below 1: compute must keep some SMs).
 _FRACTION_FIELDS = ("gather_kernel_link_frac", "gather_kernel_sm_share", "attention_efficiency", "roofline_overlap")
 # Optional tables of a measured profile: what was fitted, and the measured error of its predictions.
@@ -79,6 +80,12 @@ class HardwareSpec:
     step_overhead_us: float | None = None  # per decode step outside the layers: sampling, scheduling
     # share in (0, 1] of the shorter of a kernel's memory and FLOP times hidden under the longer (1: the roofline's max)
     roofline_overlap: float | None = None
+    # fixed cost per GEMM call beyond its bytes and FLOPs (a cold weight matrix's start on a CPU); absent: 0
+    matmul_fixed_us: float | None = None
+    # FP8 tensor-core rate (dense, no sparsity) where the GPU has FP8 tensor cores (compute capability >= 8.9): the
+    # rate of W8A8 fp8 matmuls (sim/costs.py). Absent (Ampere and older): fp8 weights run weight-only at the bf16 rate.
+    fp8_tflops_spec: float | None = None
+    fp8_tflops_effective: float | None = None
     sources: dict[str, str] = field(default_factory=dict)  # numeric field -> where its number comes from
     path: str = ""  # the profile it was loaded from
 
@@ -111,6 +118,12 @@ class HardwareSpec:
             if getattr(self, measured) > getattr(self, spec):
                 raise SpecError(f"{where}: field '{measured}' = {getattr(self, measured)} exceeds {spec} = "
                                 f"{getattr(self, spec)}; accepted: effective <= spec")
+        if (self.fp8_tflops_spec is None) != (self.fp8_tflops_effective is None):
+            raise SpecError(f"{where}: fields 'fp8_tflops_spec' and 'fp8_tflops_effective' go together; accepted: both "
+                            "(a GPU with FP8 tensor cores) or neither")
+        if self.fp8_tflops_spec is not None and self.fp8_tflops_effective > self.fp8_tflops_spec:
+            raise SpecError(f"{where}: field 'fp8_tflops_effective' = {self.fp8_tflops_effective} exceeds "
+                            f"fp8_tflops_spec = {self.fp8_tflops_spec}; accepted: effective <= spec")
         for key in _TABLE_FIELDS:
             if getattr(self, key) is not None and not isinstance(getattr(self, key), dict):
                 raise SpecError(f"{where}: field '{key}' is {getattr(self, key)!r}; accepted: a table, or absent")

@@ -12,7 +12,8 @@ the simulation), never from a re-implementation of the policy. The paper's formu
 instead of KV heads) is printed beside tiersim's numbers. Weights at other precisions (int4) are
 simulated at that precision (`SimConfig.weight_bits`: fewer weight bytes in HBM and in every
 memory-bound matmul); the KV cache keeps the model's dtype (column `overhead_weights_dtype`);
-`native` is the checkpoint's own format (fp8 for DeepSeek-R1, mxfp4 experts for gpt-oss).
+`native` is the checkpoint's own format (fp8 for DeepSeek-R1, mxfp4 experts for gpt-oss). fp8 weights
+multiply W8A8 at the GPU's fp8 rate where its profile has one; int4 and mxfp4 are weight-only (bf16 rate).
 
 Every size is per GPU of a tensor-parallel replica (`tps`: 1, 2, 4, 8): KV heads split across the
 GPUs (replicated when fewer KV heads than GPUs), an MLA latent on every GPU, weights split as
@@ -232,6 +233,7 @@ def simulate_point(cfg: ScalingConfig, s: Scenario) -> tuple[TierShares, dict]:
         extra[f"hbm_saved_gb_sim_{strategy}"] = summary["hbm_saved_gb"]  # steady state, staging buffers included
     weights = s.weights_label if s.weight_bits else (s.model.quantization or native_dtype(s.model))
     extra |= {"step_ms_full": summary["step_ms_full_mean"], "overhead_weights_dtype": weights,
+              "allreduce_ms_per_step": summary["allreduce_ms_per_step"],  # TP's NVLink all-reduces, inside the step
               "sim_steps": cfg.steps, "sim_gen_tokens": s.context}
     return shares, cols | extra
 
