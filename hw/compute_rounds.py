@@ -16,9 +16,10 @@ import functools
 import math
 
 from tiersim.hw.device import device_name
-from tiersim.hw.kernels import LayerWeights, layer_kernel, rms_norm, torch_dtype
+from tiersim.hw.kernels import LayerWeights, layer_kernel, torch_dtype
 from tiersim.hw.memory import mem_total_bytes
 from tiersim.hw.microbench import MIB, Rotation, copies_beyond_cache, gemm_shapes, llc_bytes
+from tiersim.hw.norm import rms_norm
 from tiersim.hw.timing import combine_rounds, time_op
 from tiersim.specs import ModelSpec
 

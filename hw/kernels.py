@@ -1,14 +1,8 @@
-"""Model-shaped compute of the replay: RMSNorm, the q/k/v, o, gate/up and down projections with a layer's real
-weight shapes (random weights), and attention over T0 chunks plus staged tokens; also the same kernels set up
-on synthetic work for calibration (`layer_kernel`, `head_kernel`).
-
-Families, doing the work sim/costs.py charges: MLA in the absorbed form (the query through W_UK into the
-latent, one cache row of kv_lora_rank + rope per token attended by every head, the output through W_UV: the
-FLOPs of `ModelSpec.attention_flops_per_pair`); sliding-window layers over a ring of `window` tokens; MoE
-layers route each token to its top-k experts and run one SwiGLU per expert reached, reading exactly those
-experts' weights (the simulator charges the expected count, E (1 - (1 - k/E)^T)), plus the shared experts.
-Every expert uses SwiGLU (gpt-oss's clamped variant has the same matmuls); rope is not applied (no kernel
-in the replay applies it; it costs no matmul).
+"""The replay's decoder layer: the q/k/v, o, gate/up and down projections with a layer's real weight shapes
+(random weights), and attention over T0 chunks plus staged tokens (a sliding-window layer: over its ring of
+`window` tokens); also the same kernels set up on synthetic work for calibration (`layer_kernel`,
+`head_kernel`). The families' own parts, doing the work sim/costs.py charges, live beside it: hw/mla.py (latent
+attention in the absorbed form) and hw/moe.py (router and experts); hw/norm.py holds RMSNorm.
 
 torch is imported inside the functions, so that importing this module (and hw.microbench) needs no torch.
 """
@@ -17,10 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from tiersim.hw.mla import MLAWeights, absorbed_output, absorbed_project
+from tiersim.hw.moe import MoEWeights, moe_mlp
+from tiersim.hw.norm import rms_norm
 from tiersim.hw.plan import Layout, StepWork, kv_geometry
 from tiersim.specs import ModelSpec
 
@@ -60,35 +57,6 @@ def attn_shape(m: ModelSpec) -> AttnShape:
 
 
 @dataclass(slots=True)
-class MLAWeights:
-    """One layer's multi-head latent attention (DeepSeek-V2/V3), kv_b_proj kept as its two absorbed halves."""
-
-    q_a: object  # [q_lora_rank, hidden] (None: q_b is a direct projection of the hidden state)
-    q_norm: object  # [q_lora_rank]
-    q_b: object  # [H * (qk_nope + qk_rope), q_lora_rank or hidden]
-    kv_a: object  # [kv_lora_rank + qk_rope, hidden]: kv_a_proj_with_mqa, the latent and the shared rope key
-    kv_norm: object  # [kv_lora_rank]
-    w_uk: object  # [H, qk_nope, kv_lora_rank]: kv_b_proj's key half, absorbed into the query
-    w_uv: object  # [H, v_head_dim, kv_lora_rank]: its value half, applied to the attention output
-
-
-@dataclass(slots=True)
-class MoEWeights:
-    """One layer's mixture of experts: router, every routed expert (SwiGLU), the shared experts as one MLP."""
-
-    router: object  # [experts, hidden]
-    router_bias: object  # [experts] or None
-    gate_up: object  # [experts, 2 * expert_intermediate, hidden]: expert e's weights are one contiguous block
-    down: object  # [experts, hidden, expert_intermediate]
-    gate_up_bias: object  # [experts, 2 * expert_intermediate] or None (gpt-oss)
-    down_bias: object  # [experts, hidden] or None
-    shared_gate_up: object  # [2 * shared x expert_intermediate, hidden] or None
-    shared_down: object  # [hidden, shared x expert_intermediate] or None
-    top_k: int
-    touched: list = field(default_factory=list)  # routed experts each call multiplied (the replay's count)
-
-
-@dataclass(slots=True)
 class LayerWeights:
     """One decoder layer's weights (random), in the model's real shapes: grouped-query or latent attention, a dense
     or a mixture-of-experts MLP."""
@@ -114,24 +82,13 @@ class LayerWeights:
         ones = lambda n: torch.ones(n, device=device, dtype=dtype)  # noqa: E731
         mla = qkv = None
         if m.mla is not None:
-            a = m.mla
-            q_in = a.q_lora_rank or hid
-            mla = MLAWeights(w(a.q_lora_rank, hid) if a.q_lora_rank else None, ones(q_in), w(H * m.head_dim, q_in),
-                             w(a.latent_width, hid), ones(a.kv_lora_rank), w(H, a.qk_nope_head_dim, a.kv_lora_rank),
-                             w(H, a.v_head_dim, a.kv_lora_rank))
-            o = w(hid, H * a.v_head_dim)
+            mla = MLAWeights.random(m, w, ones)
+            o = w(hid, H * m.mla.v_head_dim)
         else:
             qkv, o = w((H + 2 * m.kv_heads) * m.head_dim, hid), w(hid, H * m.head_dim)
         moe = gate_up = down = None
         if m.moe is not None and layer not in m.moe.dense_layers:
-            e = m.moe
-            inter, shared = e.expert_intermediate, e.shared_experts * e.expert_intermediate
-            moe = MoEWeights(w(e.experts, hid), w(e.experts) if e.router_bias else None,
-                             w(e.experts, 2 * inter, hid), w(e.experts, hid, inter),
-                             w(e.experts, 2 * inter) if e.expert_bias else None,
-                             w(e.experts, hid) if e.expert_bias else None,
-                             w(2 * shared, hid) if shared else None, w(hid, shared) if shared else None,
-                             e.experts_per_token)
+            moe = MoEWeights.random(m.moe, hid, w)
         else:
             gate_up, down = w(2 * m.intermediate, hid), w(hid, m.intermediate)
         return cls(qkv, o, gate_up, down, ones(hid), mla, moe)
@@ -162,13 +119,6 @@ def activation_width(m: ModelSpec) -> int:
     return m.hidden * 4 + attn + mlp_width
 
 
-def rms_norm(x, weight):
-    """RMSNorm in the activation dtype."""
-    import torch
-
-    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * weight
-
-
 def mlp(x, w: LayerWeights):
     """The layer's MLP with the residual: SwiGLU, or the mixture of experts of an MoE layer."""
     import torch.nn.functional as F
@@ -177,46 +127,6 @@ def mlp(x, w: LayerWeights):
         return x + moe_mlp(rms_norm(x, w.norm), w.moe)
     gate, up = (rms_norm(x, w.norm) @ w.gate_up.T).chunk(2, dim=-1)
     return x + (F.silu(gate) * up) @ w.down.T
-
-
-def moe_mlp(h, e: MoEWeights):
-    """Mixture of experts over normed tokens h [T, hidden], as transformers' eager Qwen3-MoE block: router matmul,
-    softmax, top-k renormalised; then one SwiGLU per expert the tokens reach, over its tokens only, so a step reads
-    the weights of exactly the distinct experts its tokens chose (the simulator charges the expected number,
-    E (1 - (1 - k/E)^T)); the shared experts run on every token. Appends the distinct count to `e.touched`
-    (one host sync per layer: the per-expert token counts)."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = h @ e.router.T
-    if e.router_bias is not None:
-        logits = logits + e.router_bias
-    top_w, top_i = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(e.top_k, dim=-1)
-    top_w = top_w / top_w.sum(-1, keepdim=True)
-    flat = top_i.reshape(-1)
-    order = flat.argsort(stable=True)
-    tokens, weights = order // e.top_k, top_w.reshape(-1)[order].to(h.dtype)
-    counts = torch.bincount(flat, minlength=e.gate_up.shape[0]).tolist()
-    out = torch.zeros_like(h)
-    at = used = 0
-    for expert, n in enumerate(counts):
-        if not n:
-            continue
-        rows = tokens[at: at + n]
-        gu = h.index_select(0, rows) @ e.gate_up[expert].T
-        if e.gate_up_bias is not None:
-            gu = gu + e.gate_up_bias[expert]
-        gate, up = gu.chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ e.down[expert].T
-        if e.down_bias is not None:
-            y = y + e.down_bias[expert]
-        out.index_add_(0, rows, y * weights[at: at + n, None])
-        at, used = at + n, used + 1
-    e.touched.append(used)
-    if e.shared_gate_up is not None:
-        gate, up = (h @ e.shared_gate_up.T).chunk(2, dim=-1)
-        out = out + (F.silu(gate) * up) @ e.shared_down.T
-    return out
 
 
 def decode_attention(q, k_chunks, v_chunks, valid_last: int, k_stage=None, v_stage=None):
@@ -359,30 +269,16 @@ def project(m: ModelSpec, wt: LayerWeights, h):
     """The step's queries and new cache rows from normed hidden states h [T, hidden]: (q [T, H x d], k rows
     [T, kv_heads x d], v rows [T, kv_heads x dv]); MLA: the query absorbed into the latent (q_nope times W_UK, beside
     q_rope) and the new latent plus rope key as the one cache row, its first kv_lora_rank values as V."""
-    import torch
-
-    if wt.mla is None:
-        H, kvh, d = m.attention_heads, m.kv_heads, m.head_dim
-        return (h @ wt.qkv.T).split([H * d, kvh * d, kvh * d], dim=-1)
-    a, w, T, H = m.mla, wt.mla, h.shape[0], m.attention_heads
-    q_in = h if w.q_a is None else rms_norm(h @ w.q_a.T, w.q_norm)
-    q = (q_in @ w.q_b.T).view(T, H, m.head_dim)
-    q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-    q_lat = torch.bmm(q_nope.transpose(0, 1), w.w_uk).transpose(0, 1)  # [T, H, kv_lora_rank]
-    q = torch.cat([q_lat, q_rope], dim=-1).reshape(T, H * a.latent_width)
-    c, rope = (h @ w.kv_a.T).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-    latent = torch.cat([rms_norm(c, w.kv_norm), rope], dim=-1)
-    return q, latent, latent[:, : a.kv_lora_rank]
+    if wt.mla is not None:
+        return absorbed_project(m, wt.mla, h)
+    H, kvh, d = m.attention_heads, m.kv_heads, m.head_dim
+    return (h @ wt.qkv.T).split([H * d, kvh * d, kvh * d], dim=-1)
 
 
 def attention_output(m: ModelSpec, wt: LayerWeights, out):
     """The attention output [T, H x dv] through o_proj; MLA: first up from the latent to v_head_dim per head."""
-    import torch
-
     if wt.mla is not None:
-        T, H = out.shape[0], m.attention_heads
-        out = torch.bmm(out.view(T, H, m.mla.kv_lora_rank).transpose(0, 1), wt.mla.w_uv.transpose(1, 2))
-        out = out.transpose(0, 1).reshape(T, H * m.mla.v_head_dim)
+        out = absorbed_output(m, wt.mla, out)
     return out @ wt.o.T
 
 

@@ -47,8 +47,9 @@ from tiersim.errors import TiersimError
 from tiersim.hw.config import REPLAY_STRATEGIES, ReplayConfig, reduced_model
 from tiersim.hw.copies import Copier, StepCopies, resolve_method
 from tiersim.hw.device import uva_alias
-from tiersim.hw.kernels import LayerWeights, decode_attention, decoder_layer, rms_norm, torch_dtype
+from tiersim.hw.kernels import LayerWeights, decode_attention, decoder_layer, torch_dtype
 from tiersim.hw.memory import GB, MemoryNeed, check_memory, memory_need
+from tiersim.hw.norm import rms_norm
 from tiersim.hw.plan import ReplayPlan, StepWork, kv_geometry, plan_replay
 from tiersim.hw.streams import Clock, Progress, cpu_threads, on_stream
 from tiersim.workload.build import Workload

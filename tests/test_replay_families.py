@@ -15,7 +15,9 @@ from testkit import Probe
 
 from tiersim.copy_methods import CPU_METHODS
 from tiersim.hw.config import reduced_model
-from tiersim.hw.kernels import LayerWeights, moe_mlp, rms_norm
+from tiersim.hw.kernels import LayerWeights
+from tiersim.hw.moe import moe_mlp
+from tiersim.hw.norm import rms_norm
 from tiersim.hw.plan import kv_geometry
 from tiersim.hw.replay import ReplayConfig, Replayer, memory_need, plan_replay, replay
 from tiersim.policy import DDR, HBM, PolicyConfig
