@@ -4,15 +4,21 @@ The policy runs once per distinct trace request. Each schedule becomes a small t
 step of that request's life in a batch slot (row 0 its prefill, row t+1 its decode step t), whose
 columns are token counts per tier, transitions and attention mass. Slots are closed-loop: each
 runs requests drawn (seeded) from the trace back to back. The batch's per-step totals are sums of
-table rows over slots, so the cost grows with slots x steps, never with tokens.
+table rows over slots, so the cost grows with slots x steps, never with tokens: a slot's rows run in
+order within a request, so each run is one slice added, slot by slot (the float sums are those of adding
+each slot's rows in turn). A process remembers its last few workloads and block tables, reused while
+the schedules they came from are the ones the cache still holds (the comparison runs of one simulation
+share them).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +62,9 @@ class Workload:
     requests_started: int  # requests that entered a slot during the run (including the first ones)
     requests_finished: int
     trace_model: str = "unknown"  # the model the trace's attention came from (its header's model id)
+    keys: tuple[str, ...] = ()  # each schedule's cache entry (workload/cache.py), when built from a trace
+    runs: np.ndarray | None = None  # (runs, 4) slot, first step, first flat row, steps: slot_rows as runs (slot_runs)
+    block_memo: dict = field(default_factory=dict, repr=False, compare=False)  # block_totals by block size
 
     def column(self, name: str) -> np.ndarray:
         """Per-step batch total of one column."""
@@ -151,18 +160,127 @@ def block_totals(w: Workload, block_size: int) -> np.ndarray:
         return np.stack([per("tokens"), held, per("tokens") - full("evicted"), per("ddr"), full("ddr"),
                          -(-promoted // block_size), promoted // block_size, -(-demoted // block_size),
                          demoted // block_size], axis=1)
-    flat = np.stack([block_table(s, block_size) for s in w.schedules]).reshape(-1, len(BLOCK_COLUMNS))
-    totals = np.zeros((w.slot_rows.shape[1], len(BLOCK_COLUMNS)))
-    for b in range(w.slot_rows.shape[0]):
-        totals += flat[w.slot_rows[b]]
+    if block_size not in w.block_memo:
+        keys = w.keys if len(w.keys) == len(w.schedules) else (None,) * len(w.schedules)
+        flat = np.stack([_block_table(s, key, block_size) for s, key in zip(w.schedules, keys)])
+        totals = slot_sum(flat.reshape(-1, len(BLOCK_COLUMNS)), w.runs if w.runs is not None else row_runs(w.slot_rows),
+                          w.slot_rows.shape[1])
+        totals.flags.writeable = False
+        w.block_memo[block_size] = totals
+    return w.block_memo[block_size]
+
+
+_BLOCK_TABLES: OrderedDict[tuple[str, int], tuple[TierSchedule, np.ndarray]] = OrderedDict()
+REMEMBER_BLOCK_TABLES = 64  # block tables of recent schedules kept per process (a 4,096-step one is 0.3 MB)
+
+
+def _block_table(s: TierSchedule, key: str | None, block_size: int) -> np.ndarray:
+    """`block_table`, remembered by cache entry while `s` is the schedule that entry gave."""
+    known = _BLOCK_TABLES.get((key, block_size)) if key is not None else None
+    if known is not None and known[0] is s:
+        return known[1]
+    table = block_table(s, block_size)
+    if key is not None:
+        _BLOCK_TABLES[key, block_size] = (s, table)
+        while len(_BLOCK_TABLES) > REMEMBER_BLOCK_TABLES:
+            _BLOCK_TABLES.popitem(last=False)
+    return table
+
+
+def slot_sum(flat: np.ndarray, runs: np.ndarray, steps: int) -> np.ndarray:
+    """Per-step sums over slots of table rows `flat`: each run of a slot's consecutive rows is one slice added,
+    slot by slot, so every float sum is the one adding each slot's rows in turn gives."""
+    totals = np.zeros((steps, flat.shape[1]))
+    for _, k, f, n in runs.tolist():
+        totals[k: k + n] += flat[f: f + n]
     return totals
+
+
+def row_runs(rows: np.ndarray) -> np.ndarray:
+    """Runs of consecutive rows in each slot's row indices (batch, steps): (slot, first step, first row, steps)."""
+    batch, steps = rows.shape
+    start = np.ones(rows.shape, dtype=bool)
+    start[:, 1:] = np.diff(rows, axis=1) != 1
+    at = np.flatnonzero(start)
+    length = np.diff(np.append(at, batch * steps))  # every slot's first step starts a run: runs never span slots
+    return np.stack([at // steps, at % steps, rows.ravel()[at], length], axis=1).astype(np.int64)
 
 
 def extend_requests(trace: Trace, gen_tokens: int, params: SynthParams, seed: int) -> list[ExtendedRequest]:
     """Every trace request continued (or cut) to `gen_tokens` generated tokens."""
-    if len(trace) == 0:
-        raise TiersimError(f"{trace.path}: the trace holds no requests")
-    return [ExtendedRequest(trace[i], params, gen_tokens, seed=seed * 1_000_003 + i) for i in range(len(trace))]
+    return list(ExtendedRequests(trace, gen_tokens, params, seed))
+
+
+class ExtendedRequests(Sequence):
+    """Every trace request continued (or cut) to `gen_tokens` generated tokens, each read from the trace (and its
+    checksums verified) only when asked for: a build whose schedules are all cached reads none."""
+
+    def __init__(self, trace: Trace, gen_tokens: int, params: SynthParams, seed: int):
+        if len(trace) == 0:
+            raise TiersimError(f"{trace.path}: the trace holds no requests")
+        if gen_tokens < 2:  # what ExtendedRequest refuses, refused before any request is read
+            raise TiersimError(f"gen_tokens must be >= 2 to extend a request, got {gen_tokens}")
+        self.trace, self.gen_tokens, self.params, self.seed = trace, gen_tokens, params, seed
+        self._made: dict[int, ExtendedRequest] = {}
+
+    def __len__(self) -> int:
+        return len(self.trace)
+
+    def __getitem__(self, i: int) -> ExtendedRequest:
+        if not 0 <= i < len(self):
+            raise IndexError(f"request {i} out of range for a trace of {len(self)} requests")
+        if i not in self._made:
+            self._made[i] = ExtendedRequest(self.trace[i], self.params, self.gen_tokens, seed=self.seed * 1_000_003 + i)
+        return self._made[i]
+
+    def captured_steps(self) -> int:
+        """Decode rows taken from the trace over all requests (ExtendedRequest.captured_steps), from its header."""
+        return sum(min(self.trace.steps_of(i), self.gen_tokens - 1) for i in range(len(self)))
+
+
+_RUNS: OrderedDict[tuple, tuple[int, np.ndarray]] = OrderedDict()  # slot_runs by all but steps: (steps, runs)
+REMEMBER_RUNS = 8
+
+
+def slot_runs(n_requests: int, rows_per_request: int, batch: int, steps: int, seed: int, cold_start: bool) -> np.ndarray:
+    """Each slot's requests as runs of table rows, slot by slot: (slot, first step, first flat row, steps) per run.
+
+    Closed loop, each slot drawing requests with its own seed. A slot draws the same requests whatever the
+    number of steps, so a shorter run is a longer one's runs cut at `steps` (remembered per process).
+    """
+    key = (n_requests, rows_per_request, batch, seed, cold_start)
+    known = _RUNS.get(key)
+    if known is not None and known[0] >= steps:
+        runs = known[1]
+        if known[0] > steps:
+            runs = runs[runs[:, 1] < steps].copy()
+            runs[:, 3] = np.minimum(runs[:, 3], steps - runs[:, 1])
+            runs.flags.writeable = False
+        return runs
+    out = []
+    for b in range(batch):
+        rng = np.random.default_rng([seed, b])
+        k, first = 0, True
+        while k < steps:
+            r = int(rng.integers(n_requests))
+            start = 0 if (cold_start or not first) else int(rng.integers(rows_per_request))
+            n = min(rows_per_request - start, steps - k)
+            out.append((b, k, r * rows_per_request + start, n))
+            k += n
+            first = False
+    runs = np.array(out, dtype=np.int64).reshape(-1, 4)
+    runs.flags.writeable = False
+    _RUNS[key] = (steps, runs)
+    _RUNS.move_to_end(key)
+    while len(_RUNS) > REMEMBER_RUNS:
+        _RUNS.popitem(last=False)
+    return runs
+
+
+def rows_of(runs: np.ndarray, batch: int, steps: int) -> np.ndarray:
+    """Flat table-row index (batch, steps) of every slot at every step, from its runs."""
+    at = runs[:, 0] * steps + runs[:, 1]
+    return (np.arange(batch * steps, dtype=np.int64) + np.repeat(runs[:, 2] - at, runs[:, 3])).reshape(batch, steps)
 
 
 def slot_rows(n_requests: int, rows_per_request: int, batch: int, steps: int, seed: int, cold_start: bool):
@@ -170,21 +288,9 @@ def slot_rows(n_requests: int, rows_per_request: int, batch: int, steps: int, se
 
     Returns (rows (batch, steps), requests started, requests finished).
     """
-    out = np.empty((batch, steps), dtype=np.int64)
-    started = finished = 0
-    for b in range(batch):
-        rng = np.random.default_rng([seed, b])
-        k, first = 0, True
-        while k < steps:
-            r = int(rng.integers(n_requests))
-            start = 0 if (cold_start or not first) else int(rng.integers(rows_per_request))
-            seg = np.arange(start, rows_per_request)[: steps - k]
-            out[b, k: k + len(seg)] = r * rows_per_request + seg
-            started += 1
-            finished += int(seg[-1] == rows_per_request - 1)
-            k += len(seg)
-            first = False
-    return out, started, finished
+    runs = slot_runs(n_requests, rows_per_request, batch, steps, seed, cold_start)
+    finished = int(np.count_nonzero(runs[:, 2] % rows_per_request + runs[:, 3] == rows_per_request))
+    return rows_of(runs, batch, steps), len(runs), finished
 
 
 def _replay_table(args: tuple[ExtendedRequest, PolicyConfig]) -> tuple[TierSchedule, np.ndarray]:
@@ -192,13 +298,22 @@ def _replay_table(args: tuple[ExtendedRequest, PolicyConfig]) -> tuple[TierSched
     return schedule, request_table(schedule)
 
 
-def replay_all(requests: list[ExtendedRequest], policy: PolicyConfig, workers: int | None = None,
+# Attention values the replays of one build read before forking workers pays: ~0.7 s of replay on one core. Measured
+# on the 2-core VM (2026-12): the default trace's 2 x 4,096-step requests (8.6 M values each) replay in ~0.06 s
+# each, while a pool of 2 workers costs ~0.3 s to start and to send the schedules back.
+POOL_MIN_VALUES = 100_000_000
+
+
+def replay_all(requests: Sequence[ExtendedRequest], policy: PolicyConfig, workers: int | None = None,
                keys: list[str] | None = None):
     """Schedules and tables of every request: from the cache where `keys` hit, else replayed in
-    `workers` forked processes (one per core by default) and stored."""
+    `workers` forked processes (by default one per core, or this process when the replays are small) and stored."""
     done = cache.load_schedules(keys, policy) if keys else [None] * len(requests)
     todo = [i for i, d in enumerate(done) if d is None]
-    workers = min(len(todo), os.cpu_count() or 1) if workers is None else max(1, workers)
+    if workers is None:
+        values = sum(requests[i].steps * (len(requests[i].prefill) + (requests[i].steps + 1) / 2) for i in todo)
+        workers = min(len(todo), os.cpu_count() or 1) if values >= POOL_MIN_VALUES else 1
+    workers = max(1, workers)
     jobs = [(requests[i], policy) for i in todo]
     if workers <= 1 or len(jobs) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         fresh = [_replay_table(j) for j in jobs]
@@ -212,26 +327,56 @@ def replay_all(requests: list[ExtendedRequest], policy: PolicyConfig, workers: i
     return done
 
 
+_BUILT: OrderedDict[tuple, Workload] = OrderedDict()  # recent workloads by their inputs
+REMEMBER_WORKLOAD_BYTES = 128 * 2**20  # the default run with its comparison holds ~30 MB
+
+
+def forget() -> None:
+    """Drop every workload, slot run and block table this process remembers, and the cache's decoded schedules:
+    the next build starts as a fresh process would (for timing a cold or a warm run)."""
+    _BUILT.clear()
+    _RUNS.clear()
+    _BLOCK_TABLES.clear()
+    cache.forget()
+
+
 def build_workload(trace: Trace, policy: PolicyConfig, gen_tokens: int, batch: int, steps: int, seed: int,
                    cold_start: bool, params: SynthParams, workers: int | None = None) -> Workload:
-    """Run the policy once per distinct request (in parallel) and total the batch per step."""
+    """Run the policy once per distinct request (in parallel) and total the batch per step.
+
+    A workload built before in this process from the same schedules (the ones the cache gives now) is returned
+    again; its arrays are read-only.
+    """
     check.integer("batch", batch, 1)
     check.integer("steps", steps, 1)
-    requests = extend_requests(trace, gen_tokens, params, seed)
-    keys = [cache.entry_key(trace, i, policy, gen_tokens, seed, params) for i in range(len(requests))]
-    done = replay_all(requests, policy, workers, keys)
+    requests = ExtendedRequests(trace, gen_tokens, params, seed)
+    keys = tuple(cache.entry_key(trace, i, policy, gen_tokens, seed, params) for i in range(len(requests)))
+    done = replay_all(requests, policy, workers, list(keys))
     schedules = tuple(s for s, _ in done)
+    memo = (keys, batch, steps, seed, cold_start)
+    known = _BUILT.get(memo)
+    if known is not None and all(a is b for a, b in zip(known.schedules, schedules)):
+        _BUILT.move_to_end(memo)
+        return known
     tables = np.stack([t for _, t in done])
     rows_per_request = tables.shape[1]
+    runs = slot_runs(len(requests), rows_per_request, batch, steps, seed, cold_start)
     rows, started, finished = slot_rows(len(requests), rows_per_request, batch, steps, seed, cold_start)
-    flat = tables.reshape(-1, len(COLUMNS))
-    totals = np.zeros((steps, len(COLUMNS)))
-    for b in range(batch):
-        totals += flat[rows[b]]
-    return Workload(
+    totals = slot_sum(tables.reshape(-1, len(COLUMNS)), runs, steps)
+    for array in (tables, totals, rows):
+        array.flags.writeable = False
+    w = Workload(
         tables=tables, totals=totals, slot_rows=rows, schedules=schedules,
-        captured_tokens=sum(r.captured_steps for r in requests),
-        synthetic_tokens=sum(r.synthetic_steps for r in requests),
+        captured_tokens=(captured := requests.captured_steps()),
+        synthetic_tokens=len(requests) * (gen_tokens - 1) - captured,
         requests_started=started, requests_finished=finished,
         trace_model=str(trace.model.get("id", "unknown")) if isinstance(trace.model, dict) else "unknown",
+        keys=keys, runs=runs,
     )
+    if cache.cache_dir() is None:  # nothing to check a remembered workload against: every build is fresh
+        return w
+    _BUILT[memo] = w
+    while sum(x.tables.nbytes + x.totals.nbytes + x.slot_rows.nbytes for x in _BUILT.values()) > REMEMBER_WORKLOAD_BYTES \
+            and len(_BUILT) > 1:
+        _BUILT.popitem(last=False)
+    return w

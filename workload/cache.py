@@ -12,6 +12,12 @@ at TIERSIM_CACHE_MAX_GB (default 2 GB): past it, the entries stored longest ago 
 are .npz or JSON bytes, never pickles. TIERSIM_CACHE_DIR moves the cache (empty: the default place),
 TIERSIM_CACHE=0 turns it off. An unreadable entry is recomputed and rewritten, never trusted; a
 cache that cannot be opened (read-only home, full disk) only costs the reuse.
+
+Within a process the store stays open (opening and closing SQLite cost ~10 ms a call, and a simulation
+with its comparison reads it eight times), and decoded schedules are remembered beside the bytes they
+came from: an entry whose stored bytes are unchanged is not decoded again, so later workloads over the
+same schedules can be reused whole (workload/build.py). The bytes are still read every time, so what
+the store holds is what a run gets. `forget()` drops what the process remembers.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import sqlite3
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,22 +79,54 @@ def cache_limit_bytes() -> int:
     return int(gb * GB)
 
 
+_OPEN: dict[tuple, diskcache.Cache] = {}  # the store this process keeps open, by (folder, bound, database inode)
+REMEMBER_BYTES = 128 * 2**20  # decoded schedules kept in memory at most (a 4,096-step one is ~2 MB)
+_REMEMBERED: OrderedDict[str, tuple[bytes, tuple[TierSchedule, np.ndarray]]] = OrderedDict()  # oldest use first
+
+
 @contextlib.contextmanager
 def _open(create: bool = True) -> Iterator[diskcache.Cache | None]:
-    """The store, opened with the current size bound; None when off, absent (and not to be made) or unopenable."""
+    """The store, opened with the current size bound and kept open; None when off, absent (and not to be made)
+    or unopenable. A store whose folder or bound changed, or whose database was removed, is opened anew
+    (diskcache itself reconnects in a forked child)."""
     path = cache_dir()
-    store = None
-    if path is not None and (create or path.exists()):
-        limit = cache_limit_bytes()
+    if path is None or not (create or path.exists()):
+        yield None
+        return
+    limit = cache_limit_bytes()
+    key = _store_key(path, limit)
+    if key not in _OPEN:
+        _close_open()
         try:
             store = diskcache.Cache(str(path), size_limit=limit, eviction_policy="least-recently-stored")
         except _STORE_FAILED:
             store = None
-    try:
-        yield store
-    finally:
-        if store is not None:
+        key = _store_key(path, limit)
+        if store is not None and key is not None:
+            _OPEN[key] = store
+        elif store is not None:
             store.close()
+    yield _OPEN.get(key)
+
+
+def _store_key(path: Path, limit: int) -> tuple | None:
+    try:
+        return str(path), limit, os.stat(path / diskcache.core.DBNAME).st_ino
+    except OSError:
+        return None
+
+
+def _close_open() -> None:
+    for store in _OPEN.values():
+        with contextlib.suppress(*_STORE_FAILED):
+            store.close()
+    _OPEN.clear()
+
+
+def forget() -> None:
+    """Drop what this process remembers (decoded schedules) and close its store: the next read is a fresh one."""
+    _REMEMBERED.clear()
+    _close_open()
 
 
 def cache_info() -> dict:
@@ -103,6 +142,7 @@ def cache_info() -> dict:
 def cache_clear() -> int:
     """Remove every entry (and the per-file entries of earlier versions); the number removed."""
     removed = 0
+    _REMEMBERED.clear()
     with _open(create=False) as store:
         if store is not None:
             removed += store.clear()
@@ -159,7 +199,7 @@ def load_schedules(keys: list[str], policy: PolicyConfig) -> list[tuple[TierSche
     """The cached schedule and table of each key, None where absent or unreadable."""
     with _open() as store:
         raws = [_get(store, _SCHEDULE + k) for k in keys]
-    return [None if raw is None else _decode(raw, policy) for raw in raws]
+    return [None if raw is None else _recall(key, raw, policy) for key, raw in zip(keys, raws)]
 
 
 def store_schedules(entries: dict[str, tuple[TierSchedule, np.ndarray]]) -> None:
@@ -167,7 +207,32 @@ def store_schedules(entries: dict[str, tuple[TierSchedule, np.ndarray]]) -> None
     with _open() as store:
         if store is not None:
             for key, (schedule, table) in entries.items():
-                _set(store, _SCHEDULE + key, _encode(schedule, table))
+                raw = _encode(schedule, table)
+                _set(store, _SCHEDULE + key, raw)
+                _remember(key, raw, (schedule, table))
+
+
+def _recall(key: str, raw: object, policy: PolicyConfig) -> tuple[TierSchedule, np.ndarray] | None:
+    """The entry decoded from `raw`: the one decoded before when these are the same bytes."""
+    known = _REMEMBERED.get(key)
+    if known is not None and known[0] == raw:
+        _REMEMBERED.move_to_end(key)
+        return known[1]
+    decoded = _decode(raw, policy)
+    if decoded is not None:
+        _remember(key, raw, decoded)
+    return decoded
+
+
+def _remember(key: str, raw: bytes, entry: tuple[TierSchedule, np.ndarray]) -> None:
+    """Keep a decoded entry (its arrays made read-only: later runs share them), the least recently used going
+    first past REMEMBER_BYTES."""
+    for array in (*entry[0].to_arrays().values(), entry[1]):
+        array.flags.writeable = False
+    _REMEMBERED[key] = (raw, entry)
+    _REMEMBERED.move_to_end(key)
+    while sum(2 * len(r) for r, _ in _REMEMBERED.values()) > REMEMBER_BYTES and len(_REMEMBERED) > 1:
+        _REMEMBERED.popitem(last=False)
 
 
 def _get(store: diskcache.Cache | None, key: str) -> object:
