@@ -10,6 +10,7 @@ import click
 from tiersim.cli.group import cli
 from tiersim.cli.options import (
     SIM,
+    ConfigOption,
     copy_options,
     deployment_options,
     format_option,
@@ -46,6 +47,22 @@ SERVING_FIELDS = ("rate", "arrivals", "rates", "prompt_tokens", "output_tokens",
                   "max_num_batched_tokens", "preemption", "slo_ttft_ms", "slo_tpot_ms")
 
 
+class ServeOption(ConfigOption):
+    """An open-loop option: --help shows ServeConfig's default, parsing leaves it None (ServeConfig fills it in).
+
+    Reading the default while parsing would import sim/serve_run.py, and pandas with it, on every closed-loop
+    `tiersim simulate`; simulate_open_loop drops the Nones, so the open loop gets the same defaults.
+    """
+
+    def get_default(self, ctx: click.Context, call: bool = True):
+        return super().get_default(ctx, call) if not call or ctx.resilient_parsing else None
+
+
+def serve_option(*decls, **kw):
+    """An open-loop option with ServeConfig's default, read only for --help."""
+    return click.option(*decls, cls=ServeOption, default_from=SERVE, show_default=True, **kw)
+
+
 def _length(ctx: click.Context, param: click.Parameter, value):
     """A token count as an int; a preset, file or 'trace' as given."""
     return int(value) if value is not None and value.strip().isdigit() else value
@@ -68,13 +85,13 @@ def serving_options(f):
         option("--duration", "duration_s", type=float, default=None, show_default=False, metavar="SECONDS",
                help="Seconds served [default: 300 s or twice a median request's decode at the TPOT target, the "
                     "longer; an arrivals file: until every request finished]."),
-        option("--max-num-seqs", type=int, default_from=SERVE, help="vLLM: most sequences running at once."),
-        option("--max-num-batched-tokens", type=int, default_from=SERVE,
-               help="vLLM: token budget of one step (decodes and prefill chunks)."),
-        option("--preemption", default_from=SERVE, metavar="recompute|swap",  # checked by ServeConfig
-               help="When KV blocks run out: recompute (vLLM v1) or swap to host (vLLM v0)."),
-        option("--slo-ttft-ms", type=float, default_from=SERVE, help="SLO: time to first token, ms."),
-        option("--slo-tpot-ms", type=float, default_from=SERVE, help="SLO: time per output token, ms."),
+        serve_option("--max-num-seqs", type=int, help="vLLM: most sequences running at once."),
+        serve_option("--max-num-batched-tokens", type=int,
+                     help="vLLM: token budget of one step (decodes and prefill chunks)."),
+        serve_option("--preemption", metavar="recompute|swap",  # checked by ServeConfig
+                     help="When KV blocks run out: recompute (vLLM v1) or swap to host (vLLM v0)."),
+        serve_option("--slo-ttft-ms", type=float, help="SLO: time to first token, ms."),
+        serve_option("--slo-tpot-ms", type=float, help="SLO: time per output token, ms."),
     )(f)
 
 
