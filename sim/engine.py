@@ -16,6 +16,10 @@ the strategy:
 
 Demotions decided at the end of a step go out on the D2H stream and free HBM only when done.
 
+A hybrid model's plan (`StepPlan.layer_kinds`) gives each layer its kind's attention and copy: full-attention
+layers copy their DDR-tier KV, sliding-window layers copy nothing (the copy stream passes them at once, each
+still taking a staging buffer's turn, as the replay's pipeline does); without it every layer is the mean layer.
+
 Work that shares hardware is a fluid: its rate is re-evaluated whenever a copy starts or stops.
 A copy runs at its plain rate, or at its duplex rate while the other direction copies too; compute
 runs at the product of the slow-down factors of the copies running beside it (a gather kernel's
@@ -64,6 +68,23 @@ class StepPlan:
     copy_method: str = ""  # the mechanism the copy durations were charged for (sim/copies.py)
     h2d_pieces: np.ndarray | None = None  # pieces of the DDR-tier fetch per step, every layer together
     d2h_pieces: np.ndarray | None = None  # pieces copied device -> host per step
+    # Hybrid models: what each layer is (None: every layer is the mean layer above). layer_kinds[l] picks the row of
+    # the kind arrays (steps long) layer l takes; the rows average to attention_s and h2d_layer_s over the layers.
+    layer_kinds: tuple[int, ...] | None = None  # 0: full attention (tiered), 1: sliding window (make_plan)
+    kind_attention_s: np.ndarray | None = None  # (kinds, steps): one layer of each kind's attention
+    kind_h2d_layer_s: np.ndarray | None = None  # (kinds, steps): prefetch-layer: one layer of each kind's copy
+    kind_h2d_layer_duplex_s: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_kinds is None:
+            return
+        if len(self.layer_kinds) != self.layers or min(self.layer_kinds) < 0:
+            raise ValueError(f"layer_kinds has {len(self.layer_kinds)} entries for {self.layers} layers")
+        for name in ("kind_attention_s", "kind_h2d_layer_s", "kind_h2d_layer_duplex_s"):
+            a = getattr(self, name)
+            if a is None or a.ndim != 2 or a.shape[0] <= max(self.layer_kinds) or a.shape[1] != self.steps:
+                raise ValueError(f"{name} must have a row per kind in layer_kinds and {self.steps} steps; got "
+                                 f"{None if a is None else a.shape}")
 
     @property
     def steps(self) -> int:
@@ -72,17 +93,37 @@ class StepPlan:
 
     @property
     def layer_s(self) -> np.ndarray:
-        """One layer's compute when nothing waits."""
+        """One layer's compute when nothing waits (the mean layer of a hybrid plan)."""
         return self.matmul_s + self.attention_s
+
+    @property
+    def step_compute_s(self) -> np.ndarray:
+        """Each step's compute when nothing waits: every layer, then the head."""
+        if self.layer_kinds is None:
+            return self.layers * self.layer_s + self.head_s
+        return (self.kind_attention_s + self.matmul_s).take(self.layer_kinds, axis=0).sum(axis=0) + self.head_s
+
+    def kind_rows(self) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]:
+        """(kind of each layer, and per kind rows of: layer compute, per-layer copy, its duplex time); a plan
+        without layer_kinds is one kind, the mean layer."""
+        if self.layer_kinds is None:
+            return (0,) * self.layers, self.layer_s[None], self.h2d_layer_s[None], self.h2d_layer_duplex_s[None]
+        return (self.layer_kinds, self.kind_attention_s + self.matmul_s, self.kind_h2d_layer_s,
+                self.kind_h2d_layer_duplex_s)
 
     def as_lists(self) -> StepPlan:
         """The same plan with Python lists (SimPy processes index them per event; numpy scalars are slower)."""
         arrays = {name: getattr(self, name).tolist() for name in _ListPlan.__dataclass_fields__
-                  if name != "layer_s" and isinstance(getattr(self, name, None), np.ndarray)}
+                  if name != "layer_s" and not name.startswith("kind") and isinstance(getattr(self, name, None),
+                                                                                         np.ndarray)}
         for name in ("h2d_layer_slow", "h2d_bulk_slow", "d2h_bulk_slow"):
             arrays.setdefault(name, [1.0] * self.steps)
+        kinds, layer, h2d, h2d_dup = self.kind_rows()
+        attention = self.attention_s[None] if self.layer_kinds is None else self.kind_attention_s
         return _ListPlan(self.strategy, self.layers, self.depth, self.qkv_share, self.serial_copies,
-                         layer_s=(self.matmul_s + self.attention_s).tolist(), **arrays)
+                         layer_s=(self.matmul_s + self.attention_s).tolist(), kinds=kinds,
+                         kind_layer_s=layer.tolist(), kind_attention_s=attention.tolist(), kind_h2d_s=h2d.tolist(),
+                         kind_h2d_dup_s=h2d_dup.tolist(), **arrays)
 
 
 @dataclass(slots=True)
@@ -110,6 +151,11 @@ class _ListPlan:
     h2d_layer_slow: list
     h2d_bulk_slow: list
     d2h_bulk_slow: list
+    kinds: tuple  # per layer, its row of the kind lists (all 0 without layer_kinds)
+    kind_layer_s: list  # [kind][step]
+    kind_attention_s: list
+    kind_h2d_s: list
+    kind_h2d_dup_s: list
 
     @property
     def steps(self) -> int:
@@ -267,8 +313,8 @@ def compute_resident(env, plan: StepPlan, tl: Timeline, gpu: Machine, done: simp
     """`full` and `evict-only`: every layer runs on resident KV (demotions may still copy out beside it)."""
     for k in range(plan.steps):
         tl.start_s[k] = env.now
-        for _ in range(plan.layers):
-            yield from gpu.compute(k, plan.layer_s[k])
+        for kind in plan.kinds:
+            yield from gpu.compute(k, plan.kind_layer_s[kind][k])
         yield from gpu.compute(k, plan.head_s[k])
         tl.end_s[k] = env.now
         done.put(k)
@@ -281,8 +327,8 @@ def compute_prefetch_sync(env, plan: StepPlan, tl: Timeline, gpu: Machine, done:
         if plan.h2d_layer_s[k] > 0:
             yield from gpu.copy_owned("h2d", k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k])
         tl.stall_s[k] = env.now - tl.start_s[k]
-        for _ in range(plan.layers):
-            yield from gpu.compute(k, plan.layer_s[k])
+        for kind in plan.kinds:
+            yield from gpu.compute(k, plan.kind_layer_s[kind][k])
         yield from gpu.compute(k, plan.head_s[k])
         tl.end_s[k] = env.now
         done.put(k)
@@ -297,15 +343,15 @@ def compute_prefetch_layer(env, plan: StepPlan, tl: Timeline, gpu: Machine, stag
     layer = 0  # counted over the whole run
     for k in range(plan.steps):
         tl.start_s[k] = env.now
-        for _ in range(plan.layers):
+        for kind in plan.kinds:
             waited = env.now
             if plan.serial_copies:
-                if plan.h2d_layer_s[k] > 0:
-                    yield from gpu.copy_owned("h2d", k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k])
+                if plan.kind_h2d_s[kind][k] > 0:
+                    yield from gpu.copy_owned("h2d", k, plan.kind_h2d_s[kind][k], plan.kind_h2d_dup_s[kind][k])
             elif staged.count <= layer:
                 yield staged.reach(layer + 1)
             tl.stall_s[k] += env.now - waited
-            yield from gpu.compute(k, plan.layer_s[k])
+            yield from gpu.compute(k, plan.kind_layer_s[kind][k])
             computed.advance()
             layer += 1
         yield from gpu.compute(k, plan.head_s[k])
@@ -318,12 +364,12 @@ def copy_stream_prefetch(env, plan: StepPlan, gpu: Machine, staged: Progress, co
     buffers = plan.strategy.staging_buffers(plan.depth, plan.layers)
     layer = 0
     for k in range(plan.steps):
-        for _ in range(plan.layers):
+        for kind in plan.kinds:  # a sliding layer of a hybrid model has nothing to copy: it passes at once
             # This layer's buffer was last used `buffers` layers ago; it is free once that layer computed.
             if computed.count < layer - buffers + 1:
                 yield computed.reach(layer - buffers + 1)
-            if plan.h2d_layer_s[k] > 0:
-                yield from gpu.copy_owned("h2d", k, plan.h2d_layer_s[k], plan.h2d_layer_duplex_s[k],
+            if plan.kind_h2d_s[kind][k] > 0:
+                yield from gpu.copy_owned("h2d", k, plan.kind_h2d_s[kind][k], plan.kind_h2d_dup_s[kind][k],
                                           plan.h2d_layer_slow[k])
             staged.advance()
             layer += 1
@@ -335,10 +381,10 @@ def compute_cpu_attention(env, plan: StepPlan, tl: Timeline, gpu: Machine, to_ho
     for k in range(plan.steps):
         tl.start_s[k] = env.now
         pre = plan.matmul_s[k] * plan.qkv_share
-        for _ in range(plan.layers):
+        for kind in plan.kinds:
             yield from gpu.compute(k, pre)
             yield to_host.put(k)
-            yield from gpu.compute(k, plan.attention_s[k])
+            yield from gpu.compute(k, plan.kind_attention_s[kind][k])
             waited = env.now
             yield from_host.get()
             tl.stall_s[k] += env.now - waited
@@ -401,6 +447,6 @@ def run(step_plan: StepPlan) -> Timeline:
     env.process(bulk_copies(env, plan, tl, gpu, done))
     env.run(until=main)
     env.run()  # let the last demotions drain (they free HBM, they do not delay the steps)
-    tl.compute_s[:] = step_plan.layers * step_plan.layer_s + step_plan.head_s
+    tl.compute_s[:] = step_plan.step_compute_s
     tl.events = events_scheduled(env)
     return tl

@@ -12,7 +12,8 @@ from tiersim.sim.config import SimConfig, compressed_factor
 from tiersim.sim.copies import COPY_METHODS, CopyMethod, KVLayout, available_methods, get_copy_method
 from tiersim.sim.costs import CostModel
 from tiersim.sim.engine import StepPlan
-from tiersim.sim.shard import window_demand
+from tiersim.sim.shard import GPUShare, window_demand
+from tiersim.specs import ModelSpec
 from tiersim.strategy import Strategy, get_strategy
 from tiersim.workload.build import BCOL, Workload, block_totals
 
@@ -45,6 +46,7 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
     if cfg.fixed_compute_ms is not None:
         matmul_s = np.full(len(zeros), cfg.fixed_compute_ms * 1e-3 / m.layers)
         attention_s, head_s = zeros, zeros
+        kind_attention_s = np.zeros((2, len(zeros)))
     else:
         matmul_s = cost.matmul_s(new_tokens) + cost.allreduce_s(new_tokens) + cost.alltoall_s(new_tokens) + cost.launch_s
         # The mean layer: full-attention layers attend their tiers, sliding ones their window (always in HBM).
@@ -53,6 +55,9 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
         attended = (pairs + c("prefill_pairs") / 2) * g.full_share \
             + (win.decode_tokens + win.prefill_pairs) * g.sliding_share
         attention_s = cost.attention_s(kv_tokens * kvl, attended)
+        # Each kind on its own (rows: full, sliding), for a hybrid plan's per-layer timeline (hybrid_layers).
+        kind_attention_s = np.stack([cost.attention_s(gpu_tokens * kvl, pairs + c("prefill_pairs") / 2),
+                                     cost.attention_s(win.decode_tokens * kvl, win.decode_tokens + win.prefill_pairs)])
         head_s = cost.head_s(c("decode") + c("prefill"))
     # Re-tier traffic decided at the end of step k-1 lands in step k.
     promoted_tokens = np.concatenate([[0.0], (c("ddr_to_hbm") + cf * c("ddr_to_compressed"))[:-1]])
@@ -97,6 +102,9 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
     else:
         bulk = bulk_s = bulk_dup = query_s = host_s = partial_s = zeros
     slow = lambda nbytes, seconds: interference(cost, nbytes, seconds)  # noqa: E731
+    # Per-layer copies of a hybrid model: its full and sliding layers apart (the others' timelines do not depend on it).
+    hybrid = hybrid_layers(m, g, attention_s, kind_attention_s, h2d, h2d_dup) \
+        if s.fetches_per_layer and g.sliding_layers else {}
     return StepPlan(
         strategy=s, layers=m.layers, depth=cfg.depth, matmul_s=matmul_s, attention_s=attention_s,
         head_s=head_s, qkv_share=cost.qkv_share(), h2d_layer_s=h2d, h2d_layer_duplex_s=h2d_dup,
@@ -104,8 +112,28 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
         d2h_bulk_duplex_s=d2h_dup, query_d2h_s=query_s, host_attention_s=host_s, partial_h2d_s=partial_s,
         h2d_layer_slow=slow(b, h2d), h2d_bulk_slow=slow(bulk, bulk_s), d2h_bulk_slow=slow(demoted_bytes, d2h),
         serial_copies=cost.copy.on_compute_stream and s.fetches_per_layer,
-        copy_method=cost.copy.name, h2d_pieces=h2d_pieces, d2h_pieces=demoted_pieces,
+        copy_method=cost.copy.name, h2d_pieces=h2d_pieces, d2h_pieces=demoted_pieces, **hybrid,
     ), layer_bytes, demoted_bytes
+
+
+def hybrid_layers(m: ModelSpec, g: GPUShare, attention_s: np.ndarray, kind_attention_s: np.ndarray, h2d: np.ndarray,
+                  h2d_dup: np.ndarray) -> dict:
+    """The StepPlan fields that make a hybrid model's timeline per layer kind (0: full attention, 1: sliding window).
+
+    The mean layer's totals per step are kept and only placed where they happen: each full-attention layer copies
+    layers / full_layers times the mean layer's copy (its own bytes and pieces; the sliding layers copy nothing), and
+    the mean layer's attention is split between the kinds in proportion to each kind's own roofline (which is each
+    kind's own roofline when both sit on the same side of it, as in decode). So every step's compute and copy time
+    summed over the layers is the mean layer's, and only the overlap of copies and compute changes.
+    """
+    full = set(m.full_layers)
+    kinds = tuple(0 if i in full else 1 for i in range(m.layers))
+    layers = np.array([g.full_layers, g.sliding_layers], dtype=np.float64)[:, None]
+    split = (layers * kind_attention_s).sum(axis=0)
+    scale = np.divide(m.layers * attention_s, split, out=np.ones_like(split), where=split > 0)
+    to_full = np.array([m.layers / g.full_layers, 0.0])[:, None]
+    return {"layer_kinds": kinds, "kind_attention_s": kind_attention_s * scale,
+            "kind_h2d_layer_s": to_full * h2d, "kind_h2d_layer_duplex_s": to_full * h2d_dup}
 
 
 def collectives_ms_per_step(w: Workload, cost: CostModel, cfg: SimConfig) -> dict[str, float]:

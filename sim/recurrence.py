@@ -1,7 +1,11 @@
 """The exact fast timeline: sim/engine.py's fluid model stepped without SimPy, with closed forms where layers repeat.
 
-Every layer of a step has the same durations (StepPlan holds per-step arrays), so a run of layers in one
-regime has a closed form; the rest is the engine's own fluid, event by event, in plain Python:
+Without `layer_kinds` every layer of a step has the same durations (StepPlan holds per-step arrays), so a
+run of layers in one regime has a closed form; the rest is the engine's own fluid, event by event, in plain
+Python. A hybrid plan (`layer_kinds`: full-attention layers copy, sliding ones do not) is walked layer by
+layer, event by event, with no jump (its runs of identical layers are short: 1 in gpt-oss, 5 in Gemma 3);
+only its steps with nothing beside them keep a closed form (`full`, `evict-only`, `prefetch-sync`, and
+copies on the compute stream sum the step's layers). Its `cpu-attention` takes SimPy.
 
 - a plan that copies nothing (`full`, `evict-only`, any plan whose copies are all zero): each step is
   layers x layer + head, back to back (numpy, no loop);
@@ -14,8 +18,8 @@ regime has a closed form; the rest is the engine's own fluid, event by event, in
   w + c (1 - f)). With `serial_copies` or before the forward pass (`prefetch-sync`), a step with no
   demotion in flight is layers x (c + w) + head.
 
-`cpu-attention`, bulk H2D copies (only `cpu-attention` plans have them) and a single staging buffer take
-SimPy (sim/engine.py), which stays the reference model: tests/test_recurrence.py checks the two equal,
+`cpu-attention` of a hybrid plan, bulk H2D copies (only `cpu-attention` plans have them) and a single staging
+buffer take SimPy (sim/engine.py), which stays the reference model: tests/test_recurrence.py checks the two equal,
 field by field, on random plans of every strategy.
 """
 
@@ -37,7 +41,7 @@ def covers(plan: StepPlan) -> bool:
     """Whether `run` takes this plan (otherwise sim/engine.py's SimPy model does)."""
     s = plan.strategy
     if s.host_attends:
-        return True
+        return plan.layer_kinds is None  # a hybrid plan's cpu-attention layers: SimPy
     if np.any(plan.h2d_bulk_s > 0):  # the engine starts these for any strategy; only cpu-attention plans have them
         return False
     return not (s.fetches_per_layer and not plan.serial_copies and s.staging_buffers(plan.depth, plan.layers) < 2)
@@ -59,7 +63,7 @@ def run(plan: StepPlan) -> Timeline:
     if not covers(plan):
         raise ValueError(f"the recurrence does not cover {plan.strategy.name} with this plan; use engine.run")
     tl = Timeline.empty(plan.steps)
-    compute = plan.layers * plan.layer_s + plan.head_s
+    compute = plan.step_compute_s
     if plan.strategy.host_attends:
         tl.events = _fluid_host(plan, tl)
     elif is_quiet(plan):
@@ -82,6 +86,11 @@ def _fluid(p: StepPlan, tl: Timeline) -> int:
     total = L * n
     w_, h_ = p.layer_s.tolist(), p.head_s.tolist()
     c_, cd_ = p.h2d_layer_s.tolist(), p.h2d_layer_duplex_s.tolist()
+    # Per layer: its kind's row (one row, the mean layer, without layer_kinds). Hybrid plans go event by event.
+    patterned = p.layer_kinds is not None
+    kinds, W, C, CD = p.kind_rows()
+    W, C, CD = W.tolist(), C.tolist(), CD.tolist()
+    body_ = [L * w for w in w_] if not patterned else [sum(W[q][k] for q in kinds) for k in range(n)]
     d_, dd_ = p.d2h_bulk_s.tolist(), p.d2h_bulk_duplex_s.tolist()
     ones = [1.0] * n
     fs_ = ones if p.h2d_layer_slow is None else p.h2d_layer_slow.tolist()
@@ -118,23 +127,28 @@ def _fluid(p: StepPlan, tl: Timeline) -> int:
             pending_step_start = False
             start_l[k] = now
             if mode == _RESIDENT:
-                c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, L * w_[k] + h_[k], L * w_[k] + h_[k], now, k
+                c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, body_[k] + h_[k], body_[k] + h_[k], now, k
             elif mode == _SYNC:
                 if c_[k] > 0:
                     c_phase = _COPY
                     h_on, h_left, h_dup, h_slow, h_step, h_start = True, c_[k], duplex(c_[k], cd_[k]), 1.0, k, now
                 else:
-                    c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, L * w_[k] + h_[k], L * w_[k] + h_[k], now, k
+                    c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, body_[k] + h_[k], body_[k] + h_[k], now, k
             else:
                 j_in_step = 0
                 c_phase = _WAIT  # the layer loop below
         if mode == _SERIAL and c_phase == _WAIT:  # layer j_in_step of step k: its copy, then its compute
             if not d_on:  # nothing beside: the rest of the step in closed form
-                left = L - j_in_step
-                cc = c_[k]
-                now += left * (cc + w_[k]) + h_[k]
-                stall_l[k] += left * cc
-                hb_l[k] += left * cc
+                if patterned:
+                    rest = kinds[j_in_step:]
+                    cc = sum(C[q][k] for q in rest)
+                    now += cc + sum(W[q][k] for q in rest) + h_[k]
+                else:
+                    left = L - j_in_step
+                    cc = left * c_[k]
+                    now += left * (c_[k] + w_[k]) + h_[k]
+                stall_l[k] += cc
+                hb_l[k] += cc
                 events += 1
                 end[k] = now
                 k = _step_end(k, now, d_, queue)
@@ -144,25 +158,28 @@ def _fluid(p: StepPlan, tl: Timeline) -> int:
                     pending_step_start = True
                     continue
                 c_phase = _DONE
-            elif c_[k] > 0:
+            elif C[kinds[j_in_step]][k] > 0:
+                q = kinds[j_in_step]
                 c_phase, wait_since = _COPY, now
-                h_on, h_left, h_dup, h_slow, h_step, h_start = True, c_[k], duplex(c_[k], cd_[k]), 1.0, k, now
+                h_on, h_left, h_dup, h_slow, h_step, h_start = True, C[q][k], duplex(C[q][k], CD[q][k]), 1.0, k, now
             else:
-                c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, w_[k], w_[k], now, k
+                w = W[kinds[j_in_step]][k]
+                c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, w, w, now, k
         if mode == _LAYER:
             while not h_on and hl < total and computed >= hl - B + 1:  # the copy stream: next layer, buffer free
-                hk = hl // L
-                if c_[hk] > 0:
-                    h_on, h_left, h_dup, h_slow, h_step, h_start = True, c_[hk], duplex(c_[hk], cd_[hk]), fs_[hk], \
-                        hk, now
+                hk, q = hl // L, kinds[hl % L]
+                if C[q][hk] > 0:
+                    h_on, h_left, h_dup, h_slow, h_step, h_start = True, C[q][hk], duplex(C[q][hk], CD[q][hk]), \
+                        fs_[hk], hk, now
                 else:
                     staged += 1
                     hl += 1
             if c_phase == _WAIT and staged > cl:
                 k = cl // L
                 stall_l[k] += now - wait_since
-                c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, w_[k], w_[k], now, k
-                if not d_on and not queue and cl % L < L - 1:
+                w = W[kinds[cl % L]][k]
+                c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, w, w, now, k
+                if not patterned and not d_on and not queue and cl % L < L - 1:
                     jumped = _jump(cl, hl, h_on, h_start == now, L, B, w_[k], c_[k], fs_[k])
                     if jumped:
                         m, kind = jumped
@@ -222,10 +239,11 @@ def _fluid(p: StepPlan, tl: Timeline) -> int:
                 hb_l[h_step] += now - h_start
                 if mode == _SYNC:
                     stall_l[k] = now - start_l[k]
-                    c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, L * w_[k] + h_[k], L * w_[k] + h_[k], now, k
+                    c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, body_[k] + h_[k], body_[k] + h_[k], now, k
                 else:  # _SERIAL: the layer's own copy done; its compute
                     stall_l[k] += now - wait_since
-                    c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, w_[k], w_[k], now, k
+                    w = W[kinds[j_in_step]][k]
+                    c_phase, c_left, c_work, c_start, c_step = _LAYER_RUN, w, w, now, k
         else:  # compute finished a layer, a head or (resident, sync) a whole step
             elapsed = now - c_start
             if elapsed > c_work:
