@@ -9,7 +9,7 @@ Cold: an empty schedule cache (the policy is replayed over every trace request);
 from the cache, as the next `tiersim simulate` finds them; both with nothing remembered in the process
 (workload.build.forget), as a fresh CLI run starts. Again: the same run once more in the same process,
 as in a sweep, where workloads and decoded schedules are remembered. Times are in-process (imports,
-~1 s of the CLI's, are not counted: benchmarks/import_time.py has those), the best of --repeat runs.
+~0.3-0.4 s of the CLI's, are not counted: benchmarks/import_time.py has those), the best of --repeat runs.
 The timeline rate is measured for the exact recurrence (sim/recurrence.py) and for the SimPy engine it
 replaces (sim/engine.py, the reference), on the same plans.
 

@@ -56,9 +56,14 @@ def narrow_gemms(raw: dict, role: str = "fitted") -> list[dict]:
 
 
 def launch_bound_s(raw: dict) -> float | None:
-    """The no-op layer's time (the replay's layer on a shape with nothing to compute): the launch cost's bound."""
-    floor = (raw.get("launch") or {}).get("noop_layer")
-    return floor["median_s"] if floor else None
+    """The no-op layer's time (the replay's layer on a shape with nothing to compute): the launch cost's bound; the
+    larger of the layer alone and the layer inside a replayed step (hw/calibrate.step_overhead: what one more
+    no-op layer adds to the replay's step), since the fit also reads layers timed inside the replay."""
+    launch = raw.get("launch") or {}
+    floor = launch.get("noop_layer")
+    in_replay = (launch.get("step_overhead") or {}).get("layer_s")
+    bounds = [v for v in (floor["median_s"] if floor else None, in_replay) if v is not None and v > 0]
+    return max(bounds) if bounds else None
 
 
 def fits(raw: dict) -> dict:

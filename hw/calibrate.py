@@ -2,10 +2,12 @@
 on one or more model shapes, and fit a hardware profile (calibration.fit, calibration.profile).
 
 Shapes: the model's own, plus (on CPU, where small shapes are dispatch-bound and large ones
-bandwidth-bound) a narrow one (512 wide, narrower than any shape the CPU suite validates) so that the fit
-spans both regimes; `held_out` shapes are measured and predicted by the fit, never fitted, and the
-profile's [fit] table lists both. Every shape's layers, lm_head and narrow GEMMs are measured in
-interleaved rounds (hw/compute_rounds.py: ROUNDS, QUICK_ROUNDS), each point the median of its rounds. The launch floor is the
+bandwidth-bound) a narrow one (512 wide, narrower than any shape the CPU suite validates) and a mid one
+(1024 wide) so that the fit brackets the widths it predicts; `held_out` shapes are measured and predicted by
+the fit, never fitted, and the profile's [fit] table lists both. Every shape's layers, lm_head and narrow GEMMs are measured in
+interleaved rounds (hw/compute_rounds.py: ROUNDS, QUICK_ROUNDS), each point the median of its rounds; the
+decode layers and lm_heads that are fitted come from the replay's own `full` steps (replay_points), where the
+validation measures them, and the isolated ones ride along in the raw data. The launch floor is the
 replay's own decoder layer (and lm_head) on a shape with nothing to compute: what a layer costs in
 launches and dispatch alone, the bound the fitted launch cost is held under.
 """
@@ -23,13 +25,19 @@ import numpy as np
 
 from tiersim.calibration.profile import Calibration, build_profile, fits
 from tiersim.hw.compute_rounds import interleaved
+from tiersim.hw.config import ReplayConfig, reduced_model
 from tiersim.hw.copy_bench import BOUNCE_BYTES
 from tiersim.hw.device import device_name, resolve_device
 from tiersim.hw.kernels import head_kernel, layer_kernel
 from tiersim.hw.microbench import MIB, gather_curve, layer_points, measure
+from tiersim.hw.replay import replay
 from tiersim.hw.streams import cpu_threads
-from tiersim.hw.timing import noop_s, time_op
+from tiersim.hw.timing import CV_LIMIT, median_ci, noop_s, time_op
+from tiersim.policy import PolicyConfig
 from tiersim.specs import ModelSpec
+from tiersim.traces.format import read_trace
+from tiersim.traces.synth import SynthParams, write_synth_trace
+from tiersim.workload.demand import run_workload
 
 # A shape with nothing to compute: every kernel of a layer launched on one- or two-element work.
 NOOP_MODEL = ModelSpec("noop", layers=1, attention_heads=2, kv_heads=1, head_dim=8, hidden=16, intermediate=16,
@@ -38,7 +46,15 @@ NOOP_MODEL = ModelSpec("noop", layers=1, attention_heads=2, kv_heads=1, head_dim
 # the fit should span the widths it predicts (the CPU suite's SmolLM2-135M is 576 wide).
 NARROW_MODEL = ModelSpec("fit-narrow-512", layers=12, attention_heads=8, kv_heads=2, head_dim=64, hidden=512,
                          intermediate=1536, vocab=32000, source="tiersim.hw.calibrate: a narrow calibration shape")
+# On CPU a 1024-wide shape between the narrow one and r1-qwen-1.5b (1536): this CPU's GEMMs do not interpolate
+# in width (its lm_head streams 6.3-6.8 GB/s at widths 512-896 and 9.5 GB/s at 1536:
+# calibration/measured/cpu-vm-2026-12-01-loop3), so the fit brackets the validated widths (576, 896) closely.
+MID_MODEL = ModelSpec("fit-mid-1024", layers=12, attention_heads=16, kv_heads=4, head_dim=64, hidden=1024,
+                      intermediate=2816, vocab=151936, source="tiersim.hw.calibrate: a mid-width calibration shape")
 ROUNDS, QUICK_ROUNDS = 3, 2  # interleaved rounds of the compute measurements (hw/compute_rounds.py)
+# The replay's own `full` decode steps on each fitted shape (replay_points): batches, decode steps timed per replay,
+# decoder layers replayed, prompt tokens per request.
+REPLAY_BATCHES, QUICK_REPLAY_BATCHES, REPLAY_STEPS, REPLAY_LAYERS, REPLAY_PROMPT = (1, 4, 16), (1, 16), 32, 4, 128
 
 
 def launch_floor(device, repeats: int = 7) -> dict:
@@ -55,13 +71,6 @@ def launch_floor(device, repeats: int = 7) -> dict:
 def step_overhead(device: str, noop_head_s: float, steps: int = 40) -> dict:
     """Per-step cost of the replay's loop outside its layers and head: NOOP_MODEL replayed (`full`, batch 1) with
     1 and 3 layers; a layer = the difference / 2, the overhead = the 1-layer step - a layer - the no-op head."""
-    from tiersim.hw.config import ReplayConfig
-    from tiersim.hw.replay import replay
-    from tiersim.policy import PolicyConfig
-    from tiersim.traces.format import read_trace
-    from tiersim.traces.synth import SynthParams, write_synth_trace
-    from tiersim.workload.demand import run_workload
-
     with tempfile.TemporaryDirectory(prefix="tiersim-overhead-") as folder:
         path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 1, 16, steps + 8, seed=0)
         trace = read_trace(path)
@@ -73,6 +82,74 @@ def step_overhead(device: str, noop_head_s: float, steps: int = 40) -> dict:
     layer = (medians[3] - medians[1]) / 2
     return {"step_1_layer_s": medians[1], "step_3_layers_s": medians[3], "layer_s": layer,
             "overhead_us": max(0.0, medians[1] - layer - noop_head_s) * 1e6}
+
+
+def _replay_full(device: str, model: ModelSpec, batch: int, steps: int, path: Path):
+    """One `full` replay of `model` cut to REPLAY_LAYERS layers: (result, workload, layers replayed)."""
+    cut = reduced_model(model, min(REPLAY_LAYERS, model.layers))
+    cfg = ReplayConfig(model=cut, policy=PolicyConfig(), trace=path, strategy="full", batch=batch,
+                       gen_tokens=steps, device=device, warmup_steps=4)
+    w = run_workload(cfg, read_trace(path), workers=1)
+    return replay(cfg, w), w, cut.layers
+
+
+def _halves(result, w, layers: int, batch: int) -> tuple[list[dict], list[dict]]:
+    """A replay's decode steps (no prefill in the step) cut into two halves of growing context: per half one layer
+    point (median per-layer time, mean KV tokens per sequence) and one lm_head point (median head time)."""
+    decode = np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
+    layer_pts, head_pts = [], []
+    for part in np.array_split(decode, 2):
+        if len(part) < 3:
+            continue
+        per_layer = result.layers_s[part] / layers
+        kv = int(round(float(np.mean(w.column("tokens")[part])) / batch))
+        layer_pts.append({"tokens": batch, "batch": batch, "kv_tokens": kv, "median_s": float(np.median(per_layer)),
+                          "cv": float(np.std(per_layer) / np.mean(per_layer)), "source": "replay", "steps": len(part)})
+        head = result.head_s[part]
+        head_pts.append({"tokens": batch, "median_s": float(np.median(head)), "cv": float(np.std(head) / np.mean(head)),
+                         "source": "replay", "steps": len(part)})
+    return layer_pts, head_pts
+
+
+def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[int], rounds: int,
+                  steps: int = REPLAY_STEPS) -> dict[str, dict]:
+    """The replay's own `full` decode steps on each shape, cut to REPLAY_LAYERS layers, at each of `batches`, in
+    `rounds` interleaved rounds (the shapes' order turning): per shape, decode-layer and lm_head points measured
+    where the validation measures them (every layer's weights streaming in turn, the replay's bookkeeping around
+    the kernels), each the median of its rounds. On the 2-core VM a narrow layer took ~10% longer inside a
+    replay than alone (512 wide, batch 16: 3.0 against 2.8 ms), a wide one the same (1536: 17.7 against 17.9)."""
+    got: dict[tuple, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="tiersim-replay-points-") as folder:
+        path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 4, REPLAY_PROMPT, steps + 8, seed=0)
+        for r in range(rounds):
+            for m in list(shapes[r % len(shapes):]) + list(shapes[: r % len(shapes)]):
+                for b in batches:
+                    result, w, layers = _replay_full(device, m, b, steps, path)
+                    for i, (p, h) in enumerate(zip(*_halves(result, w, layers, b), strict=True)):
+                        got.setdefault((m.name, b, i, "layers"), []).append(p)
+                        got.setdefault((m.name, b, i, "head"), []).append(h)
+    out: dict[str, dict] = {}
+    for (name, _b, _i, kind), pts in got.items():
+        med = np.array([p["median_s"] for p in pts])
+        lo, hi = median_ci(med)
+        cv = float(med.std() / med.mean())
+        point = {**pts[0], "median_s": float(np.median(med)), "p10_s": float(np.percentile(med, 10)),
+                 "p90_s": float(np.percentile(med, 90)), "ci_low_s": lo, "ci_high_s": hi, "cv": cv,
+                 "step_cv": [round(p["cv"], 4) for p in pts], "rounds": [round(float(x), 9) for x in med],
+                 "flagged": cv > CV_LIMIT, "reason": f"CV {cv:.2f} across {len(pts)} rounds above the {CV_LIMIT:.2f} "
+                 "limit" if cv > CV_LIMIT else ""}
+        if "kv_tokens" in point:
+            point["kv_tokens"] = int(round(np.mean([p["kv_tokens"] for p in pts])))
+        out.setdefault(name, {"layers": [], "head": []})[kind].append(point)
+    return out
+
+
+def use_replay_points(shape: dict, points: dict) -> None:
+    """Fit `shape` on the replay's decode-layer and lm_head points: its isolated decode points move to
+    `isolated_layers` / `isolated_head` (kept in the raw data, not fitted); its prefill points stay."""
+    shape["isolated_layers"], shape["isolated_head"] = shape["layers"], shape["head"]
+    shape["layers"] = [p for p in shape["layers"] if not p.get("kv_tokens")] + points["layers"]
+    shape["head"] = points["head"]
 
 
 def row_gathers(device, model: ModelSpec, quick: bool, repeats: int) -> list[dict]:
@@ -93,7 +170,7 @@ def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | No
     wall = time.perf_counter()
     raw = measure(device, model, quick, layers=False)
     reps = 3 if quick else 7
-    extra = list(shapes) if shapes is not None else ([NARROW_MODEL] if dev.type == "cpu" else [])
+    extra = list(shapes) if shapes is not None else ([NARROW_MODEL, MID_MODEL] if dev.type == "cpu" else [])
     fitted = [model] + [m for m in extra if m.name != model.name]
     roles = {**{m.name: "held_out" for m in held_out}, **{m.name: "fitted" for m in fitted}}
     everyone = fitted + [m for m in held_out if roles[m.name] == "held_out"]
@@ -106,6 +183,13 @@ def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | No
         raw["layers"], raw["head"] = got[model.name]["layers"], got[model.name]["head"]
         raw["shapes"] = [{"model": m.to_dict(), "role": roles[m.name], **got[m.name]} for m in everyone]
         raw["gather_rows"] = row_gathers(dev, model, quick, reps)
+    replayed = replay_points(device, fitted, QUICK_REPLAY_BATCHES if quick else REPLAY_BATCHES, rounds,
+                             REPLAY_STEPS // 2 if quick else REPLAY_STEPS)
+    for s in raw["shapes"]:
+        if s["role"] == "fitted" and s["model"]["name"] in replayed:
+            use_replay_points(s, replayed[s["model"]["name"]])
+    own = next(s for s in raw["shapes"] if s["model"]["name"] == model.name)
+    raw["layers"], raw["head"] = own["layers"], own["head"]
     raw["launch"]["step_overhead"] = step_overhead(device, raw["launch"]["noop_head"]["median_s"])
     raw["bounce_bytes"] = BOUNCE_BYTES  # the host-gather benchmark's (and replay's order of) pinned chunk
     result = fits(raw)
@@ -116,5 +200,5 @@ def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | No
     return Calibration(profile, raw)
 
 
-__all__ = ["NARROW_MODEL", "NOOP_MODEL", "QUICK_ROUNDS", "ROUNDS", "Calibration", "calibrate", "launch_floor",
+__all__ = ["MID_MODEL", "NARROW_MODEL", "NOOP_MODEL", "QUICK_ROUNDS", "ROUNDS", "Calibration", "calibrate", "launch_floor",
            "step_overhead"]

@@ -18,6 +18,7 @@ from tiersim.calibration.fit import (
 )
 from tiersim.cli import cli
 from tiersim.errors import TiersimError
+from tiersim.hw import calibrate as calibrate_module
 from tiersim.hw import microbench, timing
 from tiersim.specs import ModelSpec, hardware_spec
 
@@ -170,6 +171,16 @@ def test_cli_calibrate_cpu_quick_writes_a_loadable_measured_profile(tmp_path):
     # Every whole-layer and lm_head timing of every fitted shape (the model's first) is fitted or dropped as flagged.
     fitted = [s for s in raw["shapes"] if s["role"] == "fitted"]
     assert fitted[0]["layers"] == raw["layers"] and fitted[0]["head"] == raw["head"]
+    # Decode layers and lm_heads are fitted as the replay measured them (its own `full` steps, two halves of growing
+    # context per batch, the median of the rounds); the isolated decode timings ride along unfitted; prefill stays.
+    for s in fitted:
+        decode = [p_ for p_ in s["layers"] if p_["kv_tokens"]]
+        assert decode and all(p_["source"] == "replay" for p_ in decode + s["head"])
+        assert {p_["batch"] for p_ in decode} == set(calibrate_module.QUICK_REPLAY_BATCHES)
+        assert all(len(p_["rounds"]) == calibrate_module.QUICK_ROUNDS for p_ in decode + s["head"])
+        assert all(p_["p10_s"] <= p_["median_s"] <= p_["p90_s"] for p_ in decode + s["head"])
+        assert any(p_["kv_tokens"] for p_ in s["isolated_layers"]) and s["isolated_head"]
+        assert any(not p_["kv_tokens"] for p_ in s["layers"])  # prefill points, from the isolated layers
     c = raw["fits"]["compute"]
     assert raw["device"]["kind"] == "cpu" and c["points"] + c["dropped"] == sum(len(s["layers"]) + len(s["head"])
                                                                              for s in fitted)

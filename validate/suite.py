@@ -96,11 +96,11 @@ def suite_for(device: str, quick: bool) -> Suite:
     qwen05 = _spec("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B config.json (hidden 896, 14/2 heads of 64, 24 layers)",
                    layers=24, attention_heads=14, kv_heads=2, head_dim=64, hidden=896, intermediate=4864, vocab=151936,
                    tied_embeddings=True, family="qwen2")
-    from tiersim.hw.calibrate import NARROW_MODEL
+    from tiersim.hw.calibrate import MID_MODEL, NARROW_MODEL
 
     shapes = (SuiteShape(model_spec("smollm2-135m"), 6, 0.3), SuiteShape(qwen05, 4, 0.7))
     return Suite(shapes, (4, 16), strategies, _mechanisms(device), 32, 320, None, policy(window=32, interval=32),
-                 (model_spec("r1-qwen-1.5b"), NARROW_MODEL))
+                 (model_spec("r1-qwen-1.5b"), NARROW_MODEL, MID_MODEL))
 
 
 def _mechanisms(device: str) -> tuple[str, ...]:
