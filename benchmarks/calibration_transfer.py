@@ -3,8 +3,9 @@ fitting them, and print how far the fit's roofline misses B's whole-layer and lm
 
     python benchmarks/calibration_transfer.py [--device cpu] [--quick] [--json FILE]
 
-A (the defaults of `tiersim calibrate` on CPU): R1-Distill-Qwen-1.5B and a narrow 512-wide shape, measured with B
-in interleaved rounds (hw/compute_rounds.py).
+A (the defaults of `tiersim calibrate` on CPU): R1-Distill-Qwen-1.5B, a narrow 512-wide and a mid 1024-wide shape,
+measured with B in interleaved rounds (hw/compute_rounds.py), decode layers and lm_heads of both A and B timed inside
+the replay's own `full` steps (hw/calibrate.replay_points).
 B (the CPU validation suite's shapes): SmolLM2-135M and a Qwen2.5-0.5B-shaped model. The documented
 bound is calibration.fit.FIT_LIMIT (15% rms per held-out shape); the machine's load average is printed
 beside the numbers because a busy 2-core machine moves them. Not a test: it prints what it measured.
@@ -19,7 +20,7 @@ import sys
 import time
 
 from tiersim.calibration.fit import FIT_LIMIT
-from tiersim.hw.calibrate import NARROW_MODEL, calibrate
+from tiersim.hw.calibrate import MID_MODEL, NARROW_MODEL, calibrate
 from tiersim.specs import model_spec
 from tiersim.validate import suite_for
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer points and repeats")
     ap.add_argument("--json", default=None, help="also write the fits and errors here")
     args = ap.parse_args(argv)
-    fitted = (model_spec("r1-qwen-1.5b"), NARROW_MODEL)
+    fitted = (model_spec("r1-qwen-1.5b"), NARROW_MODEL, MID_MODEL)
     held = tuple(s.model for s in suite_for(args.device, quick=False).shapes)
     load, wall = os.getloadavg()[0], time.perf_counter()
     cal = calibrate(args.device, fitted[0], quick=args.quick, shapes=fitted[1:], held_out=held)

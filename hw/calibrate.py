@@ -183,10 +183,11 @@ def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | No
         raw["layers"], raw["head"] = got[model.name]["layers"], got[model.name]["head"]
         raw["shapes"] = [{"model": m.to_dict(), "role": roles[m.name], **got[m.name]} for m in everyone]
         raw["gather_rows"] = row_gathers(dev, model, quick, reps)
-    replayed = replay_points(device, fitted, QUICK_REPLAY_BATCHES if quick else REPLAY_BATCHES, rounds,
+    # Held-out shapes are replayed too, so that the fit is checked on timings of the same kind it was fitted on.
+    replayed = replay_points(device, everyone, QUICK_REPLAY_BATCHES if quick else REPLAY_BATCHES, rounds,
                              REPLAY_STEPS // 2 if quick else REPLAY_STEPS)
     for s in raw["shapes"]:
-        if s["role"] == "fitted" and s["model"]["name"] in replayed:
+        if s["model"]["name"] in replayed:
             use_replay_points(s, replayed[s["model"]["name"]])
     own = next(s for s in raw["shapes"] if s["model"]["name"] == model.name)
     raw["layers"], raw["head"] = own["layers"], own["head"]
