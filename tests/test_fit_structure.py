@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from testkit import synthetic_timings
 
 from tiersim.calibration.fit import (
     FIT_LIMIT,
@@ -31,15 +32,8 @@ TRUTH = (10e9, 0.5e12, 60e-6)  # bytes/s, FLOP/s, launch s
 
 
 def timings(model: ModelSpec, truth=TRUTH, noise: float = 0.0, seed: int = 0, reps: int = 1):
-    """Whole-layer and lm_head timings of the cost model's roofline at `truth`, with lognormal noise."""
-    layers = [{"tokens": b, "batch": b, "kv_tokens": n} for b in (1, 4, 16, 64) for n in (192, 1088, 4160)] * reps
-    layers += [{"tokens": t, "batch": 1, "kv_tokens": 0} for t in (128, 512, 2048)] * reps
-    head = [{"tokens": t} for t in (1, 8, 64)] * reps
-    t = layer_work(model, [dict(p, median_s=1.0) for p in layers], [dict(p, median_s=1.0) for p in head]).predict(*truth)
-    t = t * np.exp(np.random.default_rng(seed).normal(0.0, noise, len(t))) if noise else t
-    for p, s in zip(layers + head, t):
-        p["median_s"] = float(s)
-    return layers, head
+    """The cost model's timings at `truth` (testkit.synthetic_timings)."""
+    return synthetic_timings(model, truth, noise, seed, reps)
 
 
 def test_compute_fit_over_two_shapes_recovers_the_constants_and_predicts_a_third():

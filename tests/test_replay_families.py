@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from testkit import Probe
+from testkit import Probe, cpu_like_profile_file
 
 from tiersim.copy_methods import CPU_METHODS
 from tiersim.hw.config import reduced_model
@@ -276,14 +276,7 @@ def _tiny_configs(tmp_path):
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
-    base = hardware_spec("h200-sxm")
-    p = dataclasses.replace(base, name="test-cpu", hbm_gb=20.0, hbm_gbps_spec=20.0, hbm_gbps_effective=10.0,
-                            bf16_tflops_spec=1.0, bf16_tflops_effective=0.3, h2d_gbps_pinned=8.0, d2h_gbps_pinned=8.0,
-                            h2d_gbps_pageable=8.0, d2h_gbps_pageable=8.0, copy_latency_us=1.0, ddr_gbps=10.0,
-                            launch_us=100.0, ddr_gb=20.0)
-    path = tmp_path_factory.mktemp("prof") / "cpu.toml"
-    path.write_text(p.to_toml())
-    return path
+    return cpu_like_profile_file(tmp_path_factory.mktemp("prof"))
 
 
 def test_validate_measures_each_family_on_cpu(trace_path, profile, tmp_path):

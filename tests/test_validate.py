@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from testkit import Probe
+from testkit import Probe, cpu_like_profile_file
 
 from tiersim.cli import cli
 from tiersim.errors import ConfigError, TiersimError
@@ -42,14 +42,7 @@ def trace_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
     """A CPU-like profile (the numbers are irrelevant to the exact tests)."""
-    base = hardware_spec("h200-sxm")
-    p = dataclasses.replace(base, name="test-cpu", hbm_gb=20.0, hbm_gbps_spec=20.0, hbm_gbps_effective=10.0,
-                            bf16_tflops_spec=1.0, bf16_tflops_effective=0.3, h2d_gbps_pinned=8.0, d2h_gbps_pinned=8.0,
-                            h2d_gbps_pageable=8.0, d2h_gbps_pageable=8.0, copy_latency_us=1.0, ddr_gbps=10.0,
-                            launch_us=100.0, ddr_gb=20.0)
-    path = tmp_path_factory.mktemp("prof") / "cpu.toml"
-    path.write_text(p.to_toml())
-    return path
+    return cpu_like_profile_file(tmp_path_factory.mktemp("prof"))
 
 
 def workload(trace_path, cfg: ReplayConfig):

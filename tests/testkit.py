@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from tiersim.calibration.fit import layer_work
+from tiersim.specs import ModelSpec, hardware_spec
 
 
 @dataclass
@@ -47,3 +52,28 @@ class Probe:
             resident = chunks[:, h, :, 0].reshape(-1)[:attend].round().long().tolist()
             ddr = [] if staged is None else staged[h, :, 0].round().long().tolist()
             self.seen[(step, layer, slot, h)] = (sorted(resident), ddr if self.ddr_in_order else sorted(ddr))
+
+
+def cpu_like_profile_file(folder: Path) -> Path:
+    """A CPU-like hardware profile written to `folder`/cpu.toml (its numbers matter only for being CPU-sized)."""
+    base = hardware_spec("h200-sxm")
+    p = dataclasses.replace(base, name="test-cpu", hbm_gb=20.0, hbm_gbps_spec=20.0, hbm_gbps_effective=10.0,
+                            bf16_tflops_spec=1.0, bf16_tflops_effective=0.3, h2d_gbps_pinned=8.0, d2h_gbps_pinned=8.0,
+                            h2d_gbps_pageable=8.0, d2h_gbps_pageable=8.0, copy_latency_us=1.0, ddr_gbps=10.0,
+                            launch_us=100.0, ddr_gb=20.0)
+    path = folder / "cpu.toml"
+    path.write_text(p.to_toml())
+    return path
+
+
+def synthetic_timings(model: ModelSpec, truth: tuple, noise: float = 0.0, seed: int = 0, reps: int = 1):
+    """Whole-layer and lm_head timings the cost model predicts at `truth` (calibration.fit's Work.predict
+    arguments), with lognormal noise of sd `noise`: the data a fit must recover `truth` from."""
+    layers = [{"tokens": b, "batch": b, "kv_tokens": n} for b in (1, 4, 16, 64) for n in (192, 1088, 4160)] * reps
+    layers += [{"tokens": t, "batch": 1, "kv_tokens": 0} for t in (128, 512, 2048)] * reps
+    head = [{"tokens": t} for t in (1, 8, 64)] * reps
+    t = layer_work(model, [dict(p, median_s=1.0) for p in layers], [dict(p, median_s=1.0) for p in head]).predict(*truth)
+    t = t * np.exp(np.random.default_rng(seed).normal(0.0, noise, len(t))) if noise else t
+    for p, s in zip(layers + head, t, strict=True):
+        p["median_s"] = float(s)
+    return layers, head
