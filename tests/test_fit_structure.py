@@ -5,6 +5,8 @@ above the limit marked, shapes fitted and held out recorded, and the error band 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +21,9 @@ from tiersim.calibration.fit import (
     layer_work,
     usable,
 )
-from tiersim.calibration.profile import build_profile, fits
+from tiersim.calibration.profile import REFUSE_LIMIT, build_profile, fits
 from tiersim.hw.timing import median_ci, summarize
+from tiersim.sim.copies import available_methods
 from tiersim.specs import ModelSpec, hardware_spec
 
 A = ModelSpec("shape-a", layers=2, attention_heads=4, kv_heads=2, head_dim=32, hidden=128, intermediate=256, vocab=512)
@@ -172,3 +175,16 @@ def test_a_validated_profile_carries_its_error_band_per_strategy(tmp_path):
     path.write_text(v.to_toml())
     back = hardware_spec(str(path))
     assert back.validation == table and back.error_bar("full") == (3.5, "NVIDIA H200, 2026-12-02")
+
+
+def test_a_mechanism_constant_whose_fit_misses_by_more_than_its_data_is_refused_not_written():
+    """Measured on the 2-core VM (calibration/measured/cpu-vm-2026-12-01-loop5): the batched-copy fit missed by
+    167,656% rms; its 59 us per piece is refused (the mechanism is then unavailable in the profile), [fit] says why."""
+    raw = json.loads((Path(__file__).parents[1] / "calibration/measured/cpu-vm-2026-12-01-loop5/cpu.raw.json").read_text())
+    fitted = fits(raw)
+    assert fitted["mechanisms"]["dma-batched"]["rms_rel"] > REFUSE_LIMIT
+    p = build_profile(raw, fitted)
+    assert p.dma_batch_descriptor_us is None and "dma_batch_descriptor_us" not in p.sources
+    assert "refusal limit" in p.fit["refused"]["dma_batch_descriptor_us"]
+    assert p.hbm_gbps_effective > 0 and p.h2d_gbps_pinned > 0  # the fields every profile needs are still written
+    assert "dma-batched" not in {m.name for m in available_methods(p)}
