@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from testkit import Req
+from testkit import Req, random_request
 
 from tiersim.errors import PolicyError
 from tiersim.policy import (
@@ -22,20 +22,6 @@ from tiersim.policy import (
     candidate_pages,
     replay,
 )
-
-
-def random_request(seed: int, prompt: int, steps: int) -> Req:
-    """Attention-like rows: recency, a few persistent heavy hitters, noise; each row sums to 1."""
-    rng = np.random.default_rng(seed)
-    heavy = rng.lognormal(0, 2, size=prompt + steps)
-    rows = []
-    for t in range(steps):
-        length = prompt + t + 1
-        w = heavy[:length] * rng.random(length) + np.exp(-(length - 1 - np.arange(length)) / 8.0)
-        rows.append(w / w.sum())
-    prefill = rng.random(prompt) * prompt
-    return Req(prefill, rows)
-
 
 # -- a case small enough to compute by hand ----------------------------------------------------
 # P=2, sinks=1, window=1, interval=2, beta=0.5, r=0.25. Re-tier at the end of steps 3 and 5

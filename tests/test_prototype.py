@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from testkit import Req
+from testkit import Req, random_request
 
 from tiersim.errors import TiersimError
 from tiersim.policy import DDR, EVICTED, HBM, PolicyConfig, TieringPolicy, replay
@@ -61,18 +61,6 @@ def manage_cache_reference(prefill, rows, beta, r, sinks=4, window=128, interval
     return history
 
 
-def random_request(seed: int, prompt: int, steps: int, ties: bool) -> Req:
-    """Attention-like rows (recency, heavy hitters, noise); `ties` rounds them so that scores tie often."""
-    rng = np.random.default_rng(seed)
-    heavy = rng.lognormal(0, 2, size=prompt + steps)
-    rows = []
-    for t in range(steps):
-        length = prompt + t + 1
-        w = heavy[:length] * rng.random(length) + np.exp(-(length - 1 - np.arange(length)) / 8.0)
-        w = w / w.sum()
-        rows.append(np.round(w * 4) / 4 if ties else w)
-    prefill = rng.random(prompt) * prompt
-    return Req(np.round(prefill) if ties else prefill, rows)
 
 
 def offline_tiers(req: Req, cfg: PolicyConfig) -> list[list[int]]:

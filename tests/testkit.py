@@ -31,6 +31,21 @@ class Req:
         return iter(self.increments)
 
 
+def random_request(seed: int, prompt: int, steps: int, ties: bool = False) -> Req:
+    """Attention-like rows (recency, a few persistent heavy hitters, noise), each summing to 1; `ties` rounds them
+    (and the prefill scores) so that scores tie often."""
+    rng = np.random.default_rng(seed)
+    heavy = rng.lognormal(0, 2, size=prompt + steps)
+    rows = []
+    for t in range(steps):
+        length = prompt + t + 1
+        w = heavy[:length] * rng.random(length) + np.exp(-(length - 1 - np.arange(length)) / 8.0)
+        w = w / w.sum()
+        rows.append(np.round(w * 4) / 4 if ties else w)
+    prefill = rng.random(prompt) * prompt
+    return Req(np.round(prefill) if ties else prefill, rows)
+
+
 class Probe:
     """Writes each new token's position into its key, and records what every attention saw.
 
