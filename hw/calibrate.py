@@ -32,7 +32,7 @@ from tiersim.hw.kernels import head_kernel, layer_kernel
 from tiersim.hw.microbench import MIB, gather_curve, layer_points, measure
 from tiersim.hw.replay import replay
 from tiersim.hw.streams import cpu_threads
-from tiersim.hw.timing import CV_LIMIT, median_ci, noop_s, time_op
+from tiersim.hw.timing import Timing, combine_rounds, noop_s, summarize, time_op
 from tiersim.policy import PolicyConfig
 from tiersim.specs import ModelSpec
 from tiersim.traces.format import read_trace
@@ -76,39 +76,36 @@ def step_overhead(device: str, noop_head_s: float, steps: int = 40) -> dict:
         trace = read_trace(path)
         medians = {}
         for layers in (1, 3):
-            cfg = ReplayConfig(model=dataclasses.replace(NOOP_MODEL, layers=layers), policy=PolicyConfig(),
-                               trace=path, strategy="full", batch=1, gen_tokens=steps, device=device, warmup_steps=4)
-            medians[layers] = float(np.median(replay(cfg, run_workload(cfg, trace, workers=1)).step_s))
+            result = _replay_full(device, dataclasses.replace(NOOP_MODEL, layers=layers), 1, steps, path, trace)[0]
+            medians[layers] = float(np.median(result.step_s))
     layer = (medians[3] - medians[1]) / 2
     return {"step_1_layer_s": medians[1], "step_3_layers_s": medians[3], "layer_s": layer,
             "overhead_us": max(0.0, medians[1] - layer - noop_head_s) * 1e6}
 
 
-def _replay_full(device: str, model: ModelSpec, batch: int, steps: int, path: Path):
-    """One `full` replay of `model` cut to REPLAY_LAYERS layers: (result, workload, layers replayed)."""
+def _replay_full(device: str, model: ModelSpec, batch: int, steps: int, path: Path, trace):
+    """One `full` replay of `model` cut to REPLAY_LAYERS layers over `trace` (read from `path`): (result, workload,
+    layers replayed)."""
     cut = reduced_model(model, min(REPLAY_LAYERS, model.layers))
     cfg = ReplayConfig(model=cut, policy=PolicyConfig(), trace=path, strategy="full", batch=batch,
                        gen_tokens=steps, device=device, warmup_steps=4)
-    w = run_workload(cfg, read_trace(path), workers=1)
+    w = run_workload(cfg, trace, workers=1)
     return replay(cfg, w), w, cut.layers
 
 
-def _halves(result, w, layers: int, batch: int) -> tuple[list[dict], list[dict]]:
-    """A replay's decode steps (no prefill in the step) cut into two halves of growing context: per half one layer
-    point (median per-layer time, mean KV tokens per sequence) and one lm_head point (median head time)."""
+def _halves(result, w, layers: int, batch: int) -> list[tuple[str, int, Timing]]:
+    """A replay's decode steps (no prefill in the step) cut into two halves of growing context: per half the
+    per-layer time and the lm_head time over its steps (hw.timing.summarize, one step a sample), each as
+    (kind, mean KV tokens per sequence, Timing)."""
     decode = np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
-    layer_pts, head_pts = [], []
+    out = []
     for part in np.array_split(decode, 2):
         if len(part) < 3:
             continue
-        per_layer = result.layers_s[part] / layers
         kv = int(round(float(np.mean(w.column("tokens")[part])) / batch))
-        layer_pts.append({"tokens": batch, "batch": batch, "kv_tokens": kv, "median_s": float(np.median(per_layer)),
-                          "cv": float(np.std(per_layer) / np.mean(per_layer)), "source": "replay", "steps": len(part)})
-        head = result.head_s[part]
-        head_pts.append({"tokens": batch, "median_s": float(np.median(head)), "cv": float(np.std(head) / np.mean(head)),
-                         "source": "replay", "steps": len(part)})
-    return layer_pts, head_pts
+        out += [("layers", kv, summarize(result.layers_s[part] / layers, 1, cv_limit=None)),
+                ("head", kv, summarize(result.head_s[part], 1, cv_limit=None))]
+    return out
 
 
 def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[int], rounds: int,
@@ -121,25 +118,18 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
     got: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="tiersim-replay-points-") as folder:
         path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 4, REPLAY_PROMPT, steps + 8, seed=0)
+        trace = read_trace(path)
         for r in range(rounds):
             for m in list(shapes[r % len(shapes):]) + list(shapes[: r % len(shapes)]):
                 for b in batches:
-                    result, w, layers = _replay_full(device, m, b, steps, path)
-                    for i, (p, h) in enumerate(zip(*_halves(result, w, layers, b), strict=True)):
-                        got.setdefault((m.name, b, i, "layers"), []).append(p)
-                        got.setdefault((m.name, b, i, "head"), []).append(h)
+                    result, w, layers = _replay_full(device, m, b, steps, path, trace)
+                    for i, (kind, kv, timing) in enumerate(_halves(result, w, layers, b)):
+                        got.setdefault((m.name, b, i, kind), []).append((kv, timing))
     out: dict[str, dict] = {}
-    for (name, _b, _i, kind), pts in got.items():
-        med = np.array([p["median_s"] for p in pts])
-        lo, hi = median_ci(med)
-        cv = float(med.std() / med.mean())
-        point = {**pts[0], "median_s": float(np.median(med)), "p10_s": float(np.percentile(med, 10)),
-                 "p90_s": float(np.percentile(med, 90)), "ci_low_s": lo, "ci_high_s": hi, "cv": cv,
-                 "step_cv": [round(p["cv"], 4) for p in pts], "rounds": [round(float(x), 9) for x in med],
-                 "flagged": cv > CV_LIMIT, "reason": f"CV {cv:.2f} across {len(pts)} rounds above the {CV_LIMIT:.2f} "
-                 "limit" if cv > CV_LIMIT else ""}
-        if "kv_tokens" in point:
-            point["kv_tokens"] = int(round(np.mean([p["kv_tokens"] for p in pts])))
+    for (name, b, _i, kind), runs in got.items():
+        point = {"tokens": b, "source": "replay", **combine_rounds([t for _, t in runs])}
+        if kind == "layers":
+            point.update(batch=b, kv_tokens=int(round(np.mean([kv for kv, _ in runs]))))
         out.setdefault(name, {"layers": [], "head": []})[kind].append(point)
     return out
 
