@@ -48,8 +48,11 @@ device_option = click.option("--device", default="cpu", show_default=True, metav
 @model_option(None, help="Model whose layer shapes to time [default: r1-qwen-7b on CUDA, r1-qwen-1.5b on CPU].")
 @click.option("--quick", is_flag=True, help="Fewer sizes, shapes and repeats.")
 @click.option("--name", default=None, help="Profile name [default: measured-<device>].")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Measure N times in a row and fit the pooled medians; the spread between the N is kept.")
 @json_option
-def calibrate(device: str, out: Path, model: str | None, quick: bool, name: str | None, json_out: str | None) -> None:
+def calibrate(device: str, out: Path, model: str | None, quick: bool, name: str | None, repeat: int,
+              json_out: str | None) -> None:
     """Measure this machine and write a hardware profile."""
     from tiersim import api
     from tiersim.calibration.fit import summary_rows
@@ -60,9 +63,10 @@ def calibrate(device: str, out: Path, model: str | None, quick: bool, name: str 
     from tiersim.hw.calibrate import QUICK_ROUNDS, ROUNDS
 
     rounds = QUICK_ROUNDS if quick else ROUNDS
+    times = f", {repeat} times pooled" if repeat > 1 else ""
     with spinner(f"calibrating {device} ({'quick' if quick else 'full'} set of microbenchmarks; layers, heads and narrow "
-                 f"GEMMs of every shape in {rounds} interleaved rounds)"):
-        cal = api.calibrate(device, spec, quick=quick, name=name)
+                 f"GEMMs of every shape in {rounds} interleaved rounds{times})"):
+        cal = api.calibrate(device, spec, quick=quick, name=name, repeat=repeat)
     paths = cal.write(out)
     if emit_json(json_out, {"profile": cal.profile.to_dict(), "fits": cal.raw["fits"], "device": cal.raw["device"],
                             "files": [str(p) for p in paths]}):
@@ -72,6 +76,10 @@ def calibrate(device: str, out: Path, model: str | None, quick: bool, name: str 
     for row in summary_rows(cal):
         t.add_row(*row)
     print_table(t)
+    apart = (cal.raw.get("repeats") or {}).get("spread") or {}
+    if apart:
+        say(f"{repeat} calibrations pooled; how far one alone would have put each field (half-range over median): "
+            + ", ".join(f"{k} ±{v['spread_pct']:.0f}%" for k, v in apart.items()))
     say(f"wrote {paths[0]} and {paths[1]}")
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tiersim.calibration.pool import pool, spread
 from tiersim.calibration.profile import Calibration, build_profile, fits
+from tiersim.errors import TiersimError
 from tiersim.hw.compute_rounds import interleaved
 from tiersim.hw.config import ReplayConfig, reduced_model
 from tiersim.hw.copy_bench import BOUNCE_BYTES
@@ -153,9 +155,42 @@ def row_gathers(device, model: ModelSpec, quick: bool, repeats: int) -> list[dic
 
 
 def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | None = None,
-              shapes: Sequence[ModelSpec] | None = None, held_out: Sequence[ModelSpec] = ()) -> Calibration:
+              shapes: Sequence[ModelSpec] | None = None, held_out: Sequence[ModelSpec] = (), repeat: int = 1,
+              progress=None) -> Calibration:
     """Measure the machine on `model`'s shapes (and `shapes`: more fitted shapes; default on CPU: NARROW_MODEL),
-    measure `held_out` shapes without fitting them, and fit a hardware profile; the raw data rides along."""
+    measure `held_out` shapes without fitting them, and fit a hardware profile; the raw data rides along.
+
+    With `repeat` N > 1 the whole measurement runs N times in a row and the profile is fitted on their pooled
+    medians (calibration/pool.py); each repeat's own profile is fitted too, and how far apart they are per field is
+    kept in the raw data (`repeats`) and the profile's [fit] table (`repeat_spread_pct`). `progress(i, n)` is called
+    as each repeat starts."""
+    if repeat < 1:
+        raise TiersimError(f"--repeat must be at least 1, got {repeat}")
+    if repeat == 1:
+        return _calibrate_once(device, model, quick, name, shapes, held_out)
+    wall = time.perf_counter()
+    runs = []
+    for i in range(repeat):
+        if progress is not None:
+            progress(i, repeat)
+        runs.append(_calibrate_once(device, model, quick, name, shapes, held_out))
+    raw = pool([c.raw for c in runs])
+    result = fits(raw)
+    raw["fits"] = result
+    profile = build_profile(raw, result, name)
+    apart = spread([c.profile.to_dict() for c in runs])
+    profile = dataclasses.replace(profile, fit={**(profile.fit or {}), "repeats": repeat, "repeat_spread_pct": {
+        k: round(v["spread_pct"], 2) for k, v in apart.items()}})
+    raw["profile"] = profile.to_dict()
+    raw["repeats"] = {"n": repeat, "spread": apart, "wall_s": [c.raw["wall_s"] for c in runs],
+                      "how": "every timing the median of the repeats' medians (calibration/pool.py), then one fit"}
+    raw["wall_s"] = time.perf_counter() - wall
+    return Calibration(profile, raw)
+
+
+def _calibrate_once(device: str, model: ModelSpec, quick: bool, name: str | None,
+                    shapes: Sequence[ModelSpec] | None, held_out: Sequence[ModelSpec]) -> Calibration:
+    """One calibration (see `calibrate`)."""
     dev = resolve_device(device)
     wall = time.perf_counter()
     raw = measure(device, model, quick, layers=False)

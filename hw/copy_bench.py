@@ -1,10 +1,14 @@
 """Microbenchmarks of the copy mechanisms (hw/copies.py): copy time against piece size and piece count for each
 mechanism, a copy running beside a GEMM and beside attention (who slows whom), and the host gather rate by threads.
 
-Every benchmark moves N scattered pieces of S bytes out of a host pool of 2N pieces (every other piece, at random)
-into one contiguous buffer on the device, the way the replay stages DDR-tier blocks. On `--device cpu` the
-"device" is host memory: dma is a loop of host memcpys, dma-batched one fused gather, host-gather a gather into a
-bounce buffer then a copy; gather-kernel needs CUDA and is left out. Results go into `measure`'s raw dict under
+Every mechanism benchmark moves N scattered pieces of S bytes out of a host pool of 2N pieces (every other piece, at
+random) into one staging buffer on the device through the replay's own copy engine (hw/copies.Copier.stage on a
+StagedSet, `ReplayPieces`): the same per-piece views, strided copies, landing buffer and reorder the replay issues,
+so that the per-piece cost fitted here is the one the validation measures. (Before 2026-12-01 a bespoke loop of
+one contiguous copy per piece was timed: on the CPU device it cost ~2 us a piece against ~11 us a piece in the
+replay, and the suite's `dma` configurations were under-predicted by 17-20%.) On `--device cpu` the "device" is
+host memory: dma is a loop of host memcpys, dma-batched one fused gather, host-gather a gather into a bounce buffer
+then a copy; gather-kernel needs CUDA and is left out. Results go into `measure`'s raw dict under
 `copy_mechanisms`, `interference` and `host_gather_threads` for the calibration fit.
 """
 
@@ -110,13 +114,62 @@ class PieceCopy:
                 done[i % 2].record()
 
 
+class ReplayPieces:
+    """N pieces of S bytes staged by the replay's copy engine: a host pool (pinned on CUDA) of 2N pieces in the
+    replay's layout (KV rows of ROW_DIM elements, KV_HEADS rows a token, token-major), every other piece taken at
+    random, one slot per piece, staged into the [head, token] order the attention reads (hw/copies.Copier.stage).
+    A piece smaller than one token's rows is one token."""
+
+    KV_HEADS, ROW_DIM = 2, 64  # float16 rows of 128 B, 256 B a token
+
+    def __init__(self, device, piece_bytes: int, pieces: int, seed: int = 0):
+        import torch
+
+        from tiersim.hw.copies import Copier, StagedSet
+
+        self.device, self.cuda = device, device.type == "cuda"
+        kvh, d, dtype = self.KV_HEADS, self.ROW_DIM, torch.float16
+        n = max(1, piece_bytes // (kvh * d * 2))  # tokens a piece
+        self.S, self.N = n * kvh * d * 2, pieces
+        pick = np.sort(np.random.default_rng(seed).permutation(2 * pieces)[:pieces])
+        src = pick * n * kvh  # host row of each piece's first token
+        row = np.arange(pieces) * n * kvh  # staging row of each piece's slot
+        table = np.stack([src, np.full(pieces, n), row, np.full(pieces, n), np.zeros(pieces, np.int64)], axis=1)
+        h, t = np.meshgrid(np.arange(kvh), np.arange(n), indexing="ij")
+        gather = (src[:, None] + (t * kvh + h).ravel()[None, :]).ravel()
+        self.staged = StagedSet(gather.astype(np.int64), table.astype(np.int64), 0, kvh, parts=1)
+        self.host = torch.ones(2 * pieces * n * kvh, d, dtype=dtype, pin_memory=self.cuda)
+        self.out = torch.empty(pieces * n * kvh, d, dtype=dtype, device=device)
+        self.alias = None
+        if self.cuda:
+            try:
+                self.alias = uva_alias(self.host, device)
+            except Exception:  # noqa: BLE001 - the gather kernel is then unavailable (reported as such)
+                self.alias = None
+        self.copier = lambda method: Copier(method, device, dtype, d, kvh, pieces * n, 1, parts=1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one copy moves."""
+        return self.S * self.N
+
+    def fn(self, method: str):
+        """A callable staging every piece by `method` as the replay does (None where the device cannot run it)."""
+        if method == "gather-kernel" and self.alias is None:
+            return None
+        copier = self.copier(method)
+        self.staged.gather_host = None  # index tensors built for this mechanism (StagedSet.prepare builds them once)
+        self.staged.prepare(method, self.device)
+        return lambda: copier.stage(0, self.host, self.alias, self.staged, self.out)
+
+
 def _point(device, method: str, S: int, N: int, repeats: int, budget_s: float) -> dict:
-    pc = PieceCopy(device, S, N)
+    pc = ReplayPieces(device, S, N)
     fn = pc.fn(method)
     if fn is None:
         return {"method": method, "piece_bytes": S, "pieces": N, "unavailable": "no zero-copy UVA alias here"}
     t = time_op(fn, device, repeats=repeats, budget_s=budget_s)
-    return {"method": method, "piece_bytes": S, "pieces": N, "bytes": pc.nbytes, **t.to_dict(),
+    return {"method": method, "piece_bytes": pc.S, "pieces": N, "bytes": pc.nbytes, **t.to_dict(),
             "gbps": pc.nbytes / t.median_s / 1e9, "us_per_piece": t.median_s / N * 1e6}
 
 
@@ -207,7 +260,7 @@ def interference(device, model: ModelSpec, piece_bytes: int = 16 * KIB, nbytes: 
     """Each mechanism's copy beside a GEMM and beside attention: each one's time alone and together, and the
     slowdowns (together / alone). On CPU the copy runs in a second thread (each on one torch thread) for about
     `span_s` per repeat; on CUDA on a side stream, 3 copies beside as many calls as take as long."""
-    pc = PieceCopy(device, piece_bytes, max(1, nbytes // piece_bytes))
+    pc = ReplayPieces(device, piece_bytes, max(1, nbytes // piece_bytes))
     works = _workloads(device, model, tokens, kv_tokens)
     together = _concurrent_cuda if device.type == "cuda" else _concurrent_cpu
     out = []
@@ -250,5 +303,5 @@ def host_gather_threads(model: ModelSpec, block_size: int = 16, nbytes: int = 64
     return out
 
 
-__all__ = ["PIECE_COUNTS", "PIECE_SIZES", "PieceCopy", "host_gather_threads", "interference", "mechanism_curves",
+__all__ = ["PIECE_COUNTS", "PIECE_SIZES", "PieceCopy", "ReplayPieces", "host_gather_threads", "interference", "mechanism_curves",
            "methods_for"]
