@@ -93,10 +93,28 @@ def fits(raw: dict) -> dict:
             kinds[kind] = fit_roofline(kernel_work(kind, points, model), bound).to_dict()
     out["kinds"] = kinds
     out["step_overhead"] = (raw.get("launch") or {}).get("step_overhead")
+    out["copy_engine"] = copy_engine_fit(raw)
     out["mechanisms"] = fit_mechanisms(raw.get("copy_mechanisms"))
     att = raw.get("attention")
     out["attention_kv_gbps_median"] = float(np.median([p["kv_gbps"] for p in att])) if att else None
     return out
+
+
+def copy_engine_fit(raw: dict) -> dict | None:
+    """The copy engine's cost to compute per layer from hw/calibrate's back-to-back pairs (a `full` replay, then
+    prefetch-layer with nothing to copy) on the fitted shapes: the median over pairs of the per-layer difference
+    (held at >= 0), per shape too, and the pairs' spread (p10..p90). None where no pairs were measured."""
+    fitted = {s["model"]["name"] for s in raw.get("shapes", []) if s.get("role") == "fitted"}
+    pairs = [p for p in raw.get("copy_engine") or [] if not fitted or p["shape"] in fitted]
+    if not pairs:
+        return None
+    diff = np.array([p["engine_layer_s"] - p["full_layer_s"] for p in pairs]) * 1e6
+    share = np.array([p["engine_layer_s"] / p["full_layer_s"] - 1 for p in pairs])
+    per_shape = {name: float(np.median([d for d, p in zip(diff, pairs) if p["shape"] == name]))
+                 for name in dict.fromkeys(p["shape"] for p in pairs)}
+    return {"layer_us": max(0.0, float(np.median(diff))), "median_us": float(np.median(diff)), "pairs": len(pairs),
+            "p10_us": float(np.percentile(diff, 10)), "p90_us": float(np.percentile(diff, 90)),
+            "median_share": float(np.median(share)), "per_shape_us": per_shape, "batch": pairs[0]["batch"]}
 
 
 def _link_gather_note(raw: dict) -> str:
@@ -223,6 +241,15 @@ def _structure_values(raw: dict, fitted: dict, put) -> None:
             f"share of the shorter of each kernel group's memory and FLOP time hidden under the longer (max + "
             f"(1 - share) x min): the 5th parameter of the same fit as hbm_gbps_effective (held in [0.01, 1]; 95% "
             f"interval {_ci(c.roofline_overlap_ci)}); {c.residual()}", c.within_limit)
+    engine = fitted.get("copy_engine")
+    if engine:
+        shapes = ", ".join(f"{k} {v:.0f}" for k, v in engine["per_shape_us"].items())
+        put("copy_engine_layer_us", engine["layer_us"],
+            f"per decoder layer, prefetch-layer with every token in the HBM tier (its copy engine running, nothing to "
+            f"copy) less `full`, replayed back to back at batch {engine['batch']} on each fitted shape in each round: "
+            f"the median over {engine['pairs']} pairs (p10..p90 {engine['p10_us']:.0f}..{engine['p90_us']:.0f} us; "
+            f"per shape {shapes} us; {100 * engine['median_share']:.1f}% of the layer), held at >= 0; a difference "
+            f"of medians, no fit residual")
     over = (raw.get("launch") or {}).get("step_overhead")
     if over and over.get("overhead_us"):  # 0: nothing measurable outside the layers, the field stays absent
         put("step_overhead_us", over["overhead_us"],
@@ -326,6 +353,10 @@ def fit_table(fitted: dict, marked: list[str], refused: dict[str, str] | None = 
     over = fitted.get("step_overhead")
     if over and over.get("overhead_us") is not None:
         table["step_overhead_us"] = round(over["overhead_us"], 3)
+    engine = fitted.get("copy_engine")
+    if engine:
+        table["copy_engine_pairs_us"] = {"median": round(engine["median_us"], 2), "p10": round(engine["p10_us"], 2),
+                                         "p90": round(engine["p90_us"], 2), "pairs": engine["pairs"]}
     return table
 
 
@@ -383,7 +414,7 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     p = cal.profile
     rows = []
     for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "matmul_fixed_us", "attention_efficiency",
-                "step_overhead_us", "roofline_overlap", "h2d_gbps_pinned", "d2h_gbps_pinned",
+                "step_overhead_us", "copy_engine_layer_us", "roofline_overlap", "h2d_gbps_pinned", "d2h_gbps_pinned",
                 "h2d_gbps_pageable", "d2h_gbps_pageable", "copy_latency_us", "duplex_factor", "ddr_gbps", "hbm_gb",
                 "ddr_gb", "hbm_gbps_spec", "bf16_tflops_spec"):
         value = getattr(p, key)

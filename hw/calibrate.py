@@ -57,6 +57,9 @@ ROUNDS, QUICK_ROUNDS = 3, 2  # interleaved rounds of the compute measurements (h
 # The replay's own `full` decode steps on each fitted shape (replay_points): batches, decode steps timed per replay,
 # decoder layers replayed, prompt tokens per request.
 REPLAY_BATCHES, QUICK_REPLAY_BATCHES, REPLAY_STEPS, REPLAY_LAYERS, REPLAY_PROMPT = (1, 4, 16), (1, 16), 32, 4, 128
+# The batch at which each fitted shape's `full` replay is followed by a prefetch-layer replay with nothing to copy
+# (every token in the HBM tier): the copy engine's cost to compute per layer, `copy_engine_layer_us` (engine_points).
+ENGINE_BATCH = 16
 
 
 def launch_floor(device, repeats: int = 7) -> dict:
@@ -85,12 +88,13 @@ def step_overhead(device: str, noop_head_s: float, steps: int = 40) -> dict:
             "overhead_us": max(0.0, medians[1] - layer - noop_head_s) * 1e6}
 
 
-def _replay_full(device: str, model: ModelSpec, batch: int, steps: int, path: Path, trace):
+def _replay_full(device: str, model: ModelSpec, batch: int, steps: int, path: Path, trace, strategy: str = "full"):
     """One `full` replay of `model` cut to REPLAY_LAYERS layers over `trace` (read from `path`): (result, workload,
-    layers replayed)."""
+    layers replayed). Another `strategy` keeps every token in the HBM tier (nothing to copy)."""
     cut = reduced_model(model, min(REPLAY_LAYERS, model.layers))
-    cfg = ReplayConfig(model=cut, policy=PolicyConfig(), trace=path, strategy="full", batch=batch,
-                       gen_tokens=steps, device=device, warmup_steps=4)
+    policy = PolicyConfig() if strategy == "full" else PolicyConfig(hbm_ratio=1.0, evict_ratio=0.0)
+    cfg = ReplayConfig(model=cut, policy=policy, trace=path, strategy=strategy, batch=batch,
+                       gen_tokens=steps, device=device, warmup_steps=4, depth=max(1, min(2, cut.layers - 1)))
     w = run_workload(cfg, trace, workers=1)
     return replay(cfg, w), w, cut.layers
 
@@ -111,13 +115,17 @@ def _halves(result, w, layers: int, batch: int) -> list[tuple[str, int, Timing]]
 
 
 def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[int], rounds: int,
-                  steps: int = REPLAY_STEPS) -> dict[str, dict]:
+                  steps: int = REPLAY_STEPS, engine: list | None = None) -> dict[str, dict]:
     """The replay's own `full` decode steps on each shape, cut to REPLAY_LAYERS layers, at each of `batches`, in
     `rounds` interleaved rounds (the shapes' order turning): per shape, decode-layer and lm_head points measured
     where the validation measures them (every layer's weights streaming in turn, the replay's bookkeeping around
     the kernels), each the median of its rounds. On the 2-core VM a narrow layer took ~10% longer inside a
-    replay than alone (512 wide, batch 16: 3.0 against 2.8 ms), a wide one the same (1536: 17.7 against 17.9)."""
+    replay than alone (512 wide, batch 16: 3.0 against 2.8 ms), a wide one the same (1536: 17.7 against 17.9).
+
+    With `engine` (a list), each shape's `full` replay at ENGINE_BATCH (else the largest batch) is followed at once by
+    a prefetch-layer replay with nothing to copy, and the pair's median decode-layer times are appended to it."""
     got: dict[tuple, list[dict]] = {}
+    pair_batch = ENGINE_BATCH if ENGINE_BATCH in batches else max(batches)
     with tempfile.TemporaryDirectory(prefix="tiersim-replay-points-") as folder:
         path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 4, REPLAY_PROMPT, steps + 8, seed=0)
         trace = read_trace(path)
@@ -127,6 +135,11 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
                     result, w, layers = _replay_full(device, m, b, steps, path, trace)
                     for i, (kind, kv, timing) in enumerate(_halves(result, w, layers, b)):
                         got.setdefault((m.name, b, i, kind), []).append((kv, timing))
+                    if engine is not None and b == pair_batch and layers > 1:  # prefetch runs a layer ahead
+                        alone = _decode_layer_s(result, w, layers)
+                        beside = _decode_layer_s(*_replay_full(device, m, b, steps, path, trace, "prefetch-layer"))
+                        engine.append({"shape": m.name, "batch": b, "round": r, "full_layer_s": alone,
+                                       "engine_layer_s": beside, "layers": layers})
     out: dict[str, dict] = {}
     for (name, b, _i, kind), runs in got.items():
         point = {"tokens": b, "source": "replay", **combine_rounds([t for _, t in runs])}
@@ -134,6 +147,12 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
             point.update(batch=b, kv_tokens=int(round(np.mean([kv for kv, _ in runs]))))
         out.setdefault(name, {"layers": [], "head": []})[kind].append(point)
     return out
+
+
+def _decode_layer_s(result, w, layers: int) -> float:
+    """The median over a replay's decode steps of its time per decoder layer."""
+    decode = np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
+    return float(np.median(result.layers_s[decode])) / layers
 
 
 def use_replay_points(shape: dict, points: dict) -> None:
@@ -209,8 +228,9 @@ def _calibrate_once(device: str, model: ModelSpec, quick: bool, name: str | None
         raw["shapes"] = [{"model": m.to_dict(), "role": roles[m.name], **got[m.name]} for m in everyone]
         raw["gather_rows"] = row_gathers(dev, model, quick, reps)
     # Held-out shapes are replayed too, so that the fit is checked on timings of the same kind it was fitted on.
+    raw["copy_engine"] = []
     replayed = replay_points(device, everyone, QUICK_REPLAY_BATCHES if quick else REPLAY_BATCHES, rounds,
-                             REPLAY_STEPS // 2 if quick else REPLAY_STEPS)
+                             REPLAY_STEPS // 2 if quick else REPLAY_STEPS, engine=raw["copy_engine"])
     for s in raw["shapes"]:
         if s["model"]["name"] in replayed:
             use_replay_points(s, replayed[s["model"]["name"]])

@@ -48,7 +48,8 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
         attention_s, head_s = zeros, zeros
         kind_attention_s = np.zeros((2, len(zeros)))
     else:
-        matmul_s = cost.matmul_s(new_tokens) + cost.allreduce_s(new_tokens) + cost.alltoall_s(new_tokens) + cost.launch_s
+        matmul_s = cost.matmul_s(new_tokens) + cost.allreduce_s(new_tokens) + cost.alltoall_s(new_tokens) + cost.launch_s \
+            + (cost.copy_engine_s if s.fetches_per_layer else 0.0)
         # The mean layer: full-attention layers attend their tiers, sliding ones their window (always in HBM).
         win = window_demand(w, g.sliding_window)
         kv_tokens = gpu_tokens * g.full_share + win.decode_tokens * g.sliding_share

@@ -126,7 +126,7 @@ class CostStepTime:
         kv_tokens = (attended + b.prefill_context_tokens) * g.full_share + (win_decode + win_read) * g.sliding_share
         pairs = (attended + b.prefill_pairs) * g.full_share + (win_decode + win_pairs) * g.sliding_share
         matmul = float(cost.matmul_s(b.new_tokens) + cost.allreduce_s(b.new_tokens) + cost.alltoall_s(b.new_tokens)
-                       + cost.launch_s)
+                       + cost.launch_s + (cost.copy_engine_s if s.fetches_per_layer else 0.0))
         attention = float(cost.attention_s(kv_tokens * self.kv_layer, pairs))
         return self.layers * (matmul + attention) + float(cost.head_s(b.seqs))
 

@@ -188,3 +188,12 @@ def test_cli_calibrate_cpu_quick_writes_a_loadable_measured_profile(tmp_path):
     assert {a["kv_tokens"] for a in raw["attention"]} == {2 * 128 + 64, 16 * 128 + 64}
     assert all(p_["p10_s"] <= p_["median_s"] <= p_["p90_s"] for p_ in raw["layers"])
     LinkFit(**raw["fits"]["h2d_pinned"])  # the fit's fields are all there
+    # The copy engine's cost: per fitted shape and round, `full` then prefetch-layer with nothing to copy, back to back.
+    pairs = raw["copy_engine"]
+    assert len(pairs) == calibrate_module.QUICK_ROUNDS * len(fitted)
+    assert all(q["batch"] == calibrate_module.ENGINE_BATCH and q["full_layer_s"] > 0 and q["engine_layer_s"] > 0
+               for q in pairs)
+    engine = raw["fits"]["copy_engine"]
+    diffs = sorted((q["engine_layer_s"] - q["full_layer_s"]) * 1e6 for q in pairs)
+    assert engine["median_us"] == pytest.approx(float(np.median(diffs))) and engine["layer_us"] == max(0.0, engine["median_us"])
+    assert p.copy_engine_layer_us == pytest.approx(engine["layer_us"]) and "back to back" in p.sources["copy_engine_layer_us"]

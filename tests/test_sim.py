@@ -367,3 +367,20 @@ def test_int4_weights_shrink_weights_and_memory_bound_layers(trace_path):
     # At batch 4 the matmuls are bound by reading weights: a quarter of the bytes, about a quarter of the time.
     assert 0.2 < int4["compute_ms_mean"] / fp16["compute_ms_mean"] < 0.45
     assert fp16["attention_mass_evicted"] == 0 and fp16["attention_mass_ddr"] == 0 and fp16["evicted_frac"] == 0
+
+
+def test_copy_engine_cost_is_charged_per_layer_to_prefetch_layer_only(trace_path):
+    """`copy_engine_layer_us` adds to every layer's compute where a copy engine stages each layer, nowhere else."""
+    plain = hardware_spec("h200-sxm")
+    engine = dataclasses.replace(plain, copy_engine_layer_us=40.0)
+    layers = model_spec("r1-qwen-7b").layers
+    for strategy, charged in (("prefetch-layer", True), ("prefetch-sync", False), ("full", False)):
+        cfgs = [config(trace_path, strategy=strategy, hardware=hw) for hw in (plain, engine)]
+        runs = [simulate(c, workers=1) for c in cfgs]
+        added = plan_of(cfgs[1], runs[1]).matmul_s - plan_of(cfgs[0], runs[0]).matmul_s
+        assert np.allclose(added, 40e-6 if charged else 0.0)
+        grew = runs[1].summary["step_ms_mean"] - runs[0].summary["step_ms_mean"]
+        if charged:  # compute grows by every layer's charge, and so does this compute-bound step (its copies shift with it)
+            assert 0.9 * layers * 40e-3 < grew < 1.01 * layers * 40e-3
+        else:
+            assert grew == pytest.approx(0.0, abs=1e-12)
