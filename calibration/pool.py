@@ -24,7 +24,7 @@ from tiersim.errors import TiersimError
 
 # Profile fields whose spread over the repeats is reported (the fitted ones; sizes of memory never move).
 SPREAD_FIELDS = ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "matmul_fixed_us", "attention_efficiency",
-                 "roofline_overlap", "step_overhead_us", "copy_engine_layer_us", "h2d_gbps_pinned", "d2h_gbps_pinned",
+                 "roofline_overlap", "step_overhead_us", "copy_engine_slowdown", "h2d_gbps_pinned", "d2h_gbps_pinned",
                  "h2d_gbps_pageable", "d2h_gbps_pageable", "copy_latency_us", "ddr_gbps", "dma_half_size_kb",
                  "dma_batch_descriptor_us")
 # Keys of a calibration's raw data that are derived from the measurements (refitted after pooling) or are not one.

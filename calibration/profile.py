@@ -100,21 +100,37 @@ def fits(raw: dict) -> dict:
     return out
 
 
+def reference_table(raw: dict) -> dict:
+    """The profile's speed reference (hw/calibrate: the calibrated model's `full` replay, timed every round):
+    its shape, batch and steps, and the median over rounds of its decode step, so that `validate --suite` can time
+    the same replay and say how fast the machine runs against the calibration. Empty where none was timed."""
+    ref = raw.get("reference") or {}
+    rounds = [r["step_s"] for r in ref.get("rounds") or []]
+    if not rounds:
+        return {}
+    table = {k: v for k, v in ref.items() if k != "rounds"}
+    times = np.array(rounds) * 1e3
+    return {"reference": {**table, "step_ms": round(float(np.median(times)), 4), "rounds": len(rounds),
+                          "min_ms": round(float(times.min()), 4), "max_ms": round(float(times.max()), 4)}}
+
+
 def copy_engine_fit(raw: dict) -> dict | None:
-    """The copy engine's cost to compute per layer from hw/calibrate's back-to-back pairs (a `full` replay, then
-    prefetch-layer with nothing to copy) on the fitted shapes: the median over pairs of the per-layer difference
-    (held at >= 0), per shape too, and the pairs' spread (p10..p90). None where no pairs were measured."""
+    """How much a copy engine beside them slows a layer's compute, from hw/calibrate's back-to-back pairs (a `full`
+    replay, then prefetch-layer with nothing to copy) on the fitted shapes: the median over pairs of the per-layer
+    time ratio less 1 (`slowdown`, held at >= 0), per shape too, the pairs' spread (p10..p90), and the same as a
+    difference in us (a fixed cost per layer would make these equal across shapes; on the 2-vCPU VM a share fitted
+    better: +167 us on a 3 ms layer and +1,067 us on a 19 ms one, both ~5.6%). None where no pairs were measured."""
     fitted = {s["model"]["name"] for s in raw.get("shapes", []) if s.get("role") == "fitted"}
     pairs = [p for p in raw.get("copy_engine") or [] if not fitted or p["shape"] in fitted]
     if not pairs:
         return None
-    diff = np.array([p["engine_layer_s"] - p["full_layer_s"] for p in pairs]) * 1e6
     share = np.array([p["engine_layer_s"] / p["full_layer_s"] - 1 for p in pairs])
-    per_shape = {name: float(np.median([d for d, p in zip(diff, pairs) if p["shape"] == name]))
+    diff = np.array([p["engine_layer_s"] - p["full_layer_s"] for p in pairs]) * 1e6
+    per_shape = {name: float(np.median([x for x, p in zip(share, pairs) if p["shape"] == name]))
                  for name in dict.fromkeys(p["shape"] for p in pairs)}
-    return {"layer_us": max(0.0, float(np.median(diff))), "median_us": float(np.median(diff)), "pairs": len(pairs),
-            "p10_us": float(np.percentile(diff, 10)), "p90_us": float(np.percentile(diff, 90)),
-            "median_share": float(np.median(share)), "per_shape_us": per_shape, "batch": pairs[0]["batch"]}
+    return {"slowdown": max(0.0, float(np.median(share))), "median": float(np.median(share)), "pairs": len(pairs),
+            "p10": float(np.percentile(share, 10)), "p90": float(np.percentile(share, 90)), "per_shape": per_shape,
+            "median_us": float(np.median(diff)), "batch": pairs[0]["batch"]}
 
 
 def _link_gather_note(raw: dict) -> str:
@@ -217,7 +233,7 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
         description=(f"{info['label']}: calibrated {info['date']} on {info['host']}" if cpu else
                      f"{label} measured {info['date']} on {info['host']}"),
         link=("none: CPU device, copies are host memcpy" if cpu else (sheet.link if sheet else "host link (measured)")),
-        **values, sources=sources, fit=fit_table(fitted, marked, refused))
+        **values, sources=sources, fit={**fit_table(fitted, marked, refused), **reference_table(raw)})
 
 
 def _structure_values(raw: dict, fitted: dict, put) -> None:
@@ -242,14 +258,13 @@ def _structure_values(raw: dict, fitted: dict, put) -> None:
             f"(1 - share) x min): the 5th parameter of the same fit as hbm_gbps_effective (held in [0.01, 1]; 95% "
             f"interval {_ci(c.roofline_overlap_ci)}); {c.residual()}", c.within_limit)
     engine = fitted.get("copy_engine")
-    if engine:
-        shapes = ", ".join(f"{k} {v:.0f}" for k, v in engine["per_shape_us"].items())
-        put("copy_engine_layer_us", engine["layer_us"],
+    if engine and engine["slowdown"] >= 1e-4:  # none measurable: the field stays absent (0), the pairs in [fit]
+        shapes = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in engine["per_shape"].items())
+        put("copy_engine_slowdown", engine["slowdown"],
             f"per decoder layer, prefetch-layer with every token in the HBM tier (its copy engine running, nothing to "
-            f"copy) less `full`, replayed back to back at batch {engine['batch']} on each fitted shape in each round: "
-            f"the median over {engine['pairs']} pairs (p10..p90 {engine['p10_us']:.0f}..{engine['p90_us']:.0f} us; "
-            f"per shape {shapes} us; {100 * engine['median_share']:.1f}% of the layer), held at >= 0; a difference "
-            f"of medians, no fit residual")
+            f"copy) over `full`, replayed back to back at batch {engine['batch']} on each fitted shape in each round, "
+            f"less 1: the median over {engine['pairs']} pairs (p10..p90 {100 * engine['p10']:+.1f}..{100 * engine['p90']:+.1f}%; "
+            f"per shape {shapes}; {engine['median_us']:.0f} us a layer); a ratio of medians, no fit residual")
     over = (raw.get("launch") or {}).get("step_overhead")
     if over and over.get("overhead_us"):  # 0: nothing measurable outside the layers, the field stays absent
         put("step_overhead_us", over["overhead_us"],
@@ -355,8 +370,8 @@ def fit_table(fitted: dict, marked: list[str], refused: dict[str, str] | None = 
         table["step_overhead_us"] = round(over["overhead_us"], 3)
     engine = fitted.get("copy_engine")
     if engine:
-        table["copy_engine_pairs_us"] = {"median": round(engine["median_us"], 2), "p10": round(engine["p10_us"], 2),
-                                         "p90": round(engine["p90_us"], 2), "pairs": engine["pairs"]}
+        table["copy_engine_pairs"] = {"median_pct": round(100 * engine["median"], 2), "p10_pct": round(100 * engine["p10"], 2),
+                                      "p90_pct": round(100 * engine["p90"], 2), "pairs": engine["pairs"]}
     return table
 
 
@@ -414,7 +429,7 @@ def summary_rows(cal: Calibration) -> list[tuple[str, str, str]]:
     p = cal.profile
     rows = []
     for key in ("hbm_gbps_effective", "bf16_tflops_effective", "launch_us", "matmul_fixed_us", "attention_efficiency",
-                "step_overhead_us", "copy_engine_layer_us", "roofline_overlap", "h2d_gbps_pinned", "d2h_gbps_pinned",
+                "step_overhead_us", "copy_engine_slowdown", "roofline_overlap", "h2d_gbps_pinned", "d2h_gbps_pinned",
                 "h2d_gbps_pageable", "d2h_gbps_pageable", "copy_latency_us", "duplex_factor", "ddr_gbps", "hbm_gb",
                 "ddr_gb", "hbm_gbps_spec", "bf16_tflops_spec"):
         value = getattr(p, key)

@@ -58,8 +58,13 @@ ROUNDS, QUICK_ROUNDS = 3, 2  # interleaved rounds of the compute measurements (h
 # decoder layers replayed, prompt tokens per request.
 REPLAY_BATCHES, QUICK_REPLAY_BATCHES, REPLAY_STEPS, REPLAY_LAYERS, REPLAY_PROMPT = (1, 4, 16), (1, 16), 32, 4, 128
 # The batch at which each fitted shape's `full` replay is followed by a prefetch-layer replay with nothing to copy
-# (every token in the HBM tier): the copy engine's cost to compute per layer, `copy_engine_layer_us` (engine_points).
+# (every token in the HBM tier): how much a copy engine beside it slows a layer, `copy_engine_slowdown`.
 ENGINE_BATCH = 16
+# The machine's speed reference: the calibrated model's `full` replay (REPLAY_LAYERS layers) at this batch, timed in
+# every round of replay_points and again by `validate --suite` before and after its configurations (machine_drift).
+REFERENCE_BATCH = 4
+REFERENCE_DIMS = ("layers", "attention_heads", "kv_heads", "head_dim", "hidden", "intermediate", "vocab")
+REFERENCE_FLAGS = ("qkv_bias", "qk_norm")
 
 
 def launch_floor(device, repeats: int = 7) -> dict:
@@ -115,7 +120,8 @@ def _halves(result, w, layers: int, batch: int) -> list[tuple[str, int, Timing]]
 
 
 def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[int], rounds: int,
-                  steps: int = REPLAY_STEPS, engine: list | None = None) -> dict[str, dict]:
+                  steps: int = REPLAY_STEPS, engine: list | None = None,
+                  reference: tuple[str, int, list] | None = None) -> dict[str, dict]:
     """The replay's own `full` decode steps on each shape, cut to REPLAY_LAYERS layers, at each of `batches`, in
     `rounds` interleaved rounds (the shapes' order turning): per shape, decode-layer and lm_head points measured
     where the validation measures them (every layer's weights streaming in turn, the replay's bookkeeping around
@@ -123,7 +129,8 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
     replay than alone (512 wide, batch 16: 3.0 against 2.8 ms), a wide one the same (1536: 17.7 against 17.9).
 
     With `engine` (a list), each shape's `full` replay at ENGINE_BATCH (else the largest batch) is followed at once by
-    a prefetch-layer replay with nothing to copy, and the pair's median decode-layer times are appended to it."""
+    a prefetch-layer replay with nothing to copy, and the pair's median decode-layer times are appended to it. With
+    `reference` (shape name, batch, list), that shape's replay at that batch appends its median decode step."""
     got: dict[tuple, list[dict]] = {}
     pair_batch = ENGINE_BATCH if ENGINE_BATCH in batches else max(batches)
     with tempfile.TemporaryDirectory(prefix="tiersim-replay-points-") as folder:
@@ -135,6 +142,8 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
                     result, w, layers = _replay_full(device, m, b, steps, path, trace)
                     for i, (kind, kv, timing) in enumerate(_halves(result, w, layers, b)):
                         got.setdefault((m.name, b, i, kind), []).append((kv, timing))
+                    if reference is not None and (m.name, b) == reference[:2]:
+                        reference[2].append({"round": r, "step_s": _decode_step_s(result, w)})
                     if engine is not None and b == pair_batch and layers > 1:  # prefetch runs a layer ahead
                         alone = _decode_layer_s(result, w, layers)
                         beside = _decode_layer_s(*_replay_full(device, m, b, steps, path, trace, "prefetch-layer"))
@@ -147,6 +156,29 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
             point.update(batch=b, kv_tokens=int(round(np.mean([kv for kv, _ in runs]))))
         out.setdefault(name, {"layers": [], "head": []})[kind].append(point)
     return out
+
+
+def _decode_step_s(result, w) -> float:
+    """The median over a replay's decode steps of the whole step (layers and lm_head)."""
+    decode = np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
+    return float(np.median(result.step_s[decode]))
+
+
+def reference_spec(ref: dict) -> ModelSpec:
+    """The dense shape of a profile's speed reference (its [fit] `reference` table)."""
+    return ModelSpec(f"reference-{ref['model']}", **{k: int(ref[k]) for k in REFERENCE_DIMS},
+                     **{k: bool(ref.get(k, False)) for k in REFERENCE_FLAGS},
+                     source="the calibrated model's shape (profile [fit] reference)")
+
+
+def reference_step_s(device: str, ref: dict) -> float:
+    """The reference replay as calibrate timed it: `full`, the reference shape, its batch and steps; the median decode
+    step in seconds."""
+    with tempfile.TemporaryDirectory(prefix="tiersim-reference-") as folder:
+        steps = int(ref["steps"])
+        path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 4, REPLAY_PROMPT, steps + 8, seed=0)
+        result, w, _ = _replay_full(device, reference_spec(ref), int(ref["batch"]), steps, path, read_trace(path))
+    return _decode_step_s(result, w)
 
 
 def _decode_layer_s(result, w, layers: int) -> float:
@@ -228,9 +260,18 @@ def _calibrate_once(device: str, model: ModelSpec, quick: bool, name: str | None
         raw["shapes"] = [{"model": m.to_dict(), "role": roles[m.name], **got[m.name]} for m in everyone]
         raw["gather_rows"] = row_gathers(dev, model, quick, reps)
     # Held-out shapes are replayed too, so that the fit is checked on timings of the same kind it was fitted on.
-    raw["copy_engine"] = []
-    replayed = replay_points(device, everyone, QUICK_REPLAY_BATCHES if quick else REPLAY_BATCHES, rounds,
-                             REPLAY_STEPS // 2 if quick else REPLAY_STEPS, engine=raw["copy_engine"])
+    raw["copy_engine"], batches = [], QUICK_REPLAY_BATCHES if quick else REPLAY_BATCHES
+    steps = REPLAY_STEPS // 2 if quick else REPLAY_STEPS
+    dense = model.moe is None and model.mla is None and model.layer_types is None
+    ref_batch = REFERENCE_BATCH if REFERENCE_BATCH in batches else min(batches)
+    timed: list = []
+    replayed = replay_points(device, everyone, batches, rounds, steps, engine=raw["copy_engine"],
+                             reference=(model.name, ref_batch, timed) if dense else None)
+    if timed:
+        shape = {k: getattr(model, k) for k in REFERENCE_DIMS + REFERENCE_FLAGS}
+        raw["reference"] = {"device": raw["device"]["name"], "model": model.name, **shape,
+                            "layers": min(REPLAY_LAYERS, model.layers), "batch": ref_batch, "steps": steps,
+                            "rounds": timed}
     for s in raw["shapes"]:
         if s["model"]["name"] in replayed:
             use_replay_points(s, replayed[s["model"]["name"]])

@@ -13,8 +13,8 @@ scheduling per decode step; 0 when absent) and `roofline_overlap` (share o of th
 memory and FLOP times hidden under the longer: max + (1 - o) x min; 1, the plain max, when absent; a CPU
 core streaming weights while it multiplies hides only part); `matmul_fixed_us` (cost per GEMM call beyond its
 bytes and FLOPs, times the calls the replay's layer makes: fused qkv, o, fused gate/up, down, plus two per
-routed expert a step reaches; one for the lm_head; 0 when absent); `copy_engine_layer_us` (per layer, what the
-compute stream loses beside a concurrent copy engine, its hand-offs and wake-ups: charged to strategies that stage
+routed expert a step reaches; one for the lm_head; 0 when absent); `copy_engine_slowdown` (share by which a
+layer's compute slows beside a concurrent copy engine, its hand-offs and wake-ups: charged to strategies that stage
 every layer on a copy stream; 0 when absent).
 A copy moves pieces of DDR-tier KV by a mechanism (sim/copies.py: dma, dma-batched, gather-kernel,
 host-gather, pageable), each with its per-call, per-piece and bandwidth terms; without one it costs a
@@ -75,9 +75,10 @@ class CostModel:
         return _profile_value(self.hw, "step_overhead_us", 0.0) * 1e-6
 
     @property
-    def copy_engine_s(self) -> float:
-        """Per layer, what compute loses beside a concurrent per-layer copy engine (profile `copy_engine_layer_us`; 0)."""
-        return _profile_value(self.hw, "copy_engine_layer_us", 0.0) * 1e-6
+    def copy_engine_slowdown(self) -> float:
+        """Share by which a layer's compute slows beside a concurrent per-layer copy engine (profile
+        `copy_engine_slowdown`; 0 when absent)."""
+        return _profile_value(self.hw, "copy_engine_slowdown", 0.0)
 
     @property
     def roofline_overlap(self) -> float:

@@ -48,8 +48,7 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
         attention_s, head_s = zeros, zeros
         kind_attention_s = np.zeros((2, len(zeros)))
     else:
-        matmul_s = cost.matmul_s(new_tokens) + cost.allreduce_s(new_tokens) + cost.alltoall_s(new_tokens) + cost.launch_s \
-            + (cost.copy_engine_s if s.fetches_per_layer else 0.0)
+        matmul_s = cost.matmul_s(new_tokens) + cost.allreduce_s(new_tokens) + cost.alltoall_s(new_tokens) + cost.launch_s
         # The mean layer: full-attention layers attend their tiers, sliding ones their window (always in HBM).
         win = window_demand(w, g.sliding_window)
         kv_tokens = gpu_tokens * g.full_share + win.decode_tokens * g.sliding_share
@@ -59,6 +58,9 @@ def make_plan(strategy: str | Strategy, w: Workload, cost: CostModel, cfg: SimCo
         # Each kind on its own (rows: full, sliding), for a hybrid plan's per-layer timeline (hybrid_layers).
         kind_attention_s = np.stack([cost.attention_s(gpu_tokens * kvl, pairs + c("prefill_pairs") / 2),
                                      cost.attention_s(win.decode_tokens * kvl, win.decode_tokens + win.prefill_pairs)])
+        if s.fetches_per_layer and cost.copy_engine_slowdown:  # a copy engine beside every layer slows its compute
+            slow = 1.0 + cost.copy_engine_slowdown
+            matmul_s, attention_s, kind_attention_s = matmul_s * slow, attention_s * slow, kind_attention_s * slow
         head_s = cost.head_s(c("decode") + c("prefill"))
     # Re-tier traffic decided at the end of step k-1 lands in step k.
     promoted_tokens = np.concatenate([[0.0], (c("ddr_to_hbm") + cf * c("ddr_to_compressed"))[:-1]])

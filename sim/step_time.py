@@ -126,9 +126,10 @@ class CostStepTime:
         kv_tokens = (attended + b.prefill_context_tokens) * g.full_share + (win_decode + win_read) * g.sliding_share
         pairs = (attended + b.prefill_pairs) * g.full_share + (win_decode + win_pairs) * g.sliding_share
         matmul = float(cost.matmul_s(b.new_tokens) + cost.allreduce_s(b.new_tokens) + cost.alltoall_s(b.new_tokens)
-                       + cost.launch_s + (cost.copy_engine_s if s.fetches_per_layer else 0.0))
+                       + cost.launch_s)
         attention = float(cost.attention_s(kv_tokens * self.kv_layer, pairs))
-        return self.layers * (matmul + attention) + float(cost.head_s(b.seqs))
+        slow = 1.0 + (cost.copy_engine_slowdown if s.fetches_per_layer else 0.0)  # a copy engine beside every layer
+        return self.layers * (matmul + attention) * slow + float(cost.head_s(b.seqs))
 
     def ddr_runs(self, b: StepBatch) -> tuple[float, float]:
         """(runs inside one block, whole blocks) of the decodes' DDR tier: given, or one run per tiering unit."""

@@ -28,10 +28,11 @@ _TEXT_FIELDS = ("name", "description", "link")
 _OPTIONAL_FIELDS = ("nvlink_gbps", "nvlink_latency_us", "gpus_per_host", "sockets", "cores_per_socket",
                     "ddr_gbps_per_socket", "dma_half_size_kb", "dma_batch_descriptor_us", "gather_kernel_link_frac",
                     "gather_kernel_sm_share", "host_gather_chunk_mb", "host_core_gflops", "host_roundtrip_us",
-                    "attention_efficiency", "step_overhead_us", "roofline_overlap", "matmul_fixed_us", "copy_engine_layer_us",
+                    "attention_efficiency", "step_overhead_us", "roofline_overlap", "matmul_fixed_us", "copy_engine_slowdown",
                     "fp8_tflops_spec", "fp8_tflops_effective")
 # Optional fields that are shares: at most 1 (an SM share below 1: compute must keep some SMs).
-_FRACTION_FIELDS = ("gather_kernel_link_frac", "gather_kernel_sm_share", "attention_efficiency", "roofline_overlap")
+_FRACTION_FIELDS = ("gather_kernel_link_frac", "gather_kernel_sm_share", "attention_efficiency", "roofline_overlap",
+                    "copy_engine_slowdown")
 # Optional tables of a measured profile: what was fitted, and the measured error of its predictions.
 _TABLE_FIELDS = ("fit", "validation")
 # Optional fields that count things: whole numbers.
@@ -82,9 +83,9 @@ class HardwareSpec:
     roofline_overlap: float | None = None
     # fixed cost per GEMM call beyond its bytes and FLOPs (a cold weight matrix's start on a CPU); absent: 0
     matmul_fixed_us: float | None = None
-    # per layer, what the compute stream loses to working beside a concurrent copy engine (its thread's wake-ups and
-    # hand-offs; on CUDA also the events), beyond the copies' own time: charged to prefetch-layer; absent: 0
-    copy_engine_layer_us: float | None = None
+    # share by which every layer's compute slows while a per-layer copy engine runs beside it (its thread's wake-ups
+    # and hand-offs; on CUDA also the events), beyond the copies' own time: charged to prefetch-layer; absent: 0
+    copy_engine_slowdown: float | None = None
     # FP8 tensor-core rate (dense, no sparsity) where the GPU has FP8 tensor cores (compute capability >= 8.9): the
     # rate of W8A8 fp8 matmuls (sim/costs.py). Absent (Ampere and older): fp8 weights run weight-only at the bf16 rate.
     fp8_tflops_spec: float | None = None

@@ -63,6 +63,21 @@ def markdown(result: dict, figure: str) -> str:
              + ", ".join(f"{x['model']} ({x['layers'] or 'all'} layers, β {x['hbm_ratio']}"
                          f"{', held out' if x['held_out'] else ', FITTED'})" for x in suite["shapes"]) + ".", "",
              f"![predicted vs measured]({figure})", "", "## Errors per configuration", "", error_table(result), ""]
+    drift = result.get("drift")
+    if drift:
+        lines += ["## The machine's speed against its calibration", "",
+                  f"Reference replay ({drift['reference']}): {drift['start_ms']:.2f} ms before the configurations and "
+                  f"{drift['end_ms']:.2f} ms after, against {drift['calibrated_ms']:.2f} ms when calibrated "
+                  f"(rounds {drift['calibrated_range_ms'][0]:.2f}..{drift['calibrated_range_ms'][1]:.2f} ms): the machine "
+                  f"ran {abs(drift['drift_pct']):.1f}% {'slower' if drift['drift_pct'] > 0 else 'faster'} than when "
+                  "calibrated."]
+        adj = drift.get("drift_adjusted")
+        if adj:
+            lines.append(f"Had every prediction been scaled by that drift, median |step error| {adj['median_abs_pct']:.1f}%, "
+                         f"worst {adj['worst_abs_pct']:.1f}% (signed median {adj['signed_median_pct']:+.1f}%): a "
+                         "diagnostic of how much of the error is the machine's speed moving; the errors above are "
+                         "the prediction's.")
+        lines.append("")
     if s.get("configurations"):
         lines += ["## Error distribution (|step error| %)", "", "| group | value | median | p90 | worst | n |",
                   "|---|---|---:|---:|---:|---:|"]

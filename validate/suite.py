@@ -148,6 +148,11 @@ def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = Fa
     trace_path = suite_trace(suite, folder)
     trace = read_trace(trace_path)
     wall, load = time.perf_counter(), _loadavg()
+    from tiersim.hw.calibrate import reference_step_s
+
+    ref = (profile.fit or {}).get("reference")
+    ref = ref if ref and ref.get("device") == info["name"] else None  # a reference timed on this machine only
+    start_s = reference_step_s(device, ref) if ref else None
     reports, skipped, fulls = [], [], {}
     for shape, strategy, batch, mechanism in suite.configurations():
         if budget_s is not None and time.perf_counter() - wall > budget_s:
@@ -162,6 +167,7 @@ def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = Fa
         reports.append(r)
         if progress is not None:
             progress(r)
+    drift = machine_drift(ref, start_s, reference_step_s(device, ref) if ref else None, reports)
     fitted = list((profile.fit or {}).get("shapes", []))
     result = {"device": reports[0]["device"] if reports else {"name": info["name"], "label": info["label"]},
               "suite": {"shapes": [{"model": s.model.name, "layers": s.layers, "hbm_ratio": s.hbm_ratio,
@@ -172,7 +178,7 @@ def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = Fa
                         "trace": str(trace_path), "quick": quick, "full_shared_per_batch": share_full,
                         "fitted_shapes": fitted},
               "profile": {"name": profile.name, "path": profile.path, "fit": profile.fit},
-              "summary": summarize_errors(reports), "configs": reports, "skipped": skipped,
+              "summary": summarize_errors(reports), "drift": drift, "configs": reports, "skipped": skipped,
               "load_average": [load, _loadavg()], "wall_s": time.perf_counter() - wall}
     result["validation"] = validation_table(result, quick)
     if report:
@@ -181,6 +187,27 @@ def run_suite(device: str, profile: HardwareSpec, folder: Path, quick: bool = Fa
         result["files"] = [str(p) for p in write_report(result, folder)]
         result["files"] += [str(p) for p in store_validation(profile, result["validation"], folder)]
     return result
+
+
+def machine_drift(ref: dict | None, start_s: float | None, end_s: float | None, reports: list[dict]) -> dict | None:
+    """How fast the machine ran during the suite against its calibration: the profile's reference replay timed
+    before and after the configurations against the median calibrate timed; and the step errors had every prediction
+    been scaled by that drift (a diagnostic: how much of the error is the machine's speed moving, not the model).
+    None without a reference timed on this machine."""
+    if ref is None or start_s is None or end_s is None:
+        return None
+    now_ms = 1e3 * (start_s + end_s) / 2
+    drift = now_ms / ref["step_ms"] - 1.0
+    out = {"reference": f"{ref['model']}, {ref['layers']} layers, full, batch {ref['batch']}, {ref['steps']} steps",
+           "calibrated_ms": ref["step_ms"], "calibrated_range_ms": [ref.get("min_ms"), ref.get("max_ms")],
+           "start_ms": 1e3 * start_s, "end_ms": 1e3 * end_s, "drift_pct": 100.0 * drift}
+    if reports:
+        adjusted = np.array([100.0 * (r["predicted_step_ms"] * (1.0 + drift) / r["measured_step_ms"] - 1.0)
+                             for r in reports])
+        out["drift_adjusted"] = {"median_abs_pct": float(np.median(np.abs(adjusted))),
+                                 "worst_abs_pct": float(np.abs(adjusted).max()),
+                                 "signed_median_pct": float(np.median(adjusted))}
+    return out
 
 
 def case_key(r: dict) -> dict:
