@@ -146,7 +146,7 @@ class ReplayPieces:
                 self.alias = uva_alias(self.host, device)
             except Exception:  # noqa: BLE001 - the gather kernel is then unavailable (reported as such)
                 self.alias = None
-        self.copier = lambda method: Copier(method, device, dtype, d, kvh, pieces * n, 1, parts=1)
+        self.copier = lambda method: Copier(method, device, dtype, d, kvh, pieces * n * kvh, 1, parts=1)
 
     @property
     def nbytes(self) -> int:
