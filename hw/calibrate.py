@@ -120,7 +120,7 @@ def _halves(result, w, layers: int, batch: int) -> list[tuple[str, int, Timing]]
 
 
 def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[int], rounds: int,
-                  steps: int = REPLAY_STEPS, engine: list | None = None,
+                  steps: int = REPLAY_STEPS, engine: tuple[list, set[str]] | None = None,
                   reference: tuple[str, int, list] | None = None) -> dict[str, dict]:
     """The replay's own `full` decode steps on each shape, cut to REPLAY_LAYERS layers, at each of `batches`, in
     `rounds` interleaved rounds (the shapes' order turning): per shape, decode-layer and lm_head points measured
@@ -128,8 +128,9 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
     the kernels), each the median of its rounds. On the 2-core VM a narrow layer took ~10% longer inside a
     replay than alone (512 wide, batch 16: 3.0 against 2.8 ms), a wide one the same (1536: 17.7 against 17.9).
 
-    With `engine` (a list), each shape's `full` replay at ENGINE_BATCH (else the largest batch) is followed at once by
-    a prefetch-layer replay with nothing to copy, and the pair's median decode-layer times are appended to it. With
+    With `engine` (a list, shape names), each of those shapes' `full` replay at ENGINE_BATCH (else the largest batch)
+    is followed at once by a prefetch-layer replay with nothing to copy, and the pair's median decode-layer times are
+    appended to the list. With
     `reference` (shape name, batch, list), that shape's replay at that batch appends its median decode step."""
     got: dict[tuple, list[dict]] = {}
     pair_batch = ENGINE_BATCH if ENGINE_BATCH in batches else max(batches)
@@ -144,10 +145,10 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
                         got.setdefault((m.name, b, i, kind), []).append((kv, timing))
                     if reference is not None and (m.name, b) == reference[:2]:
                         reference[2].append({"round": r, "step_s": _decode_step_s(result, w)})
-                    if engine is not None and b == pair_batch and layers > 1:  # prefetch runs a layer ahead
+                    if engine is not None and m.name in engine[1] and b == pair_batch and layers > 1:
                         alone = _decode_layer_s(result, w, layers)
                         beside = _decode_layer_s(*_replay_full(device, m, b, steps, path, trace, "prefetch-layer"))
-                        engine.append({"shape": m.name, "batch": b, "round": r, "full_layer_s": alone,
+                        engine[0].append({"shape": m.name, "batch": b, "round": r, "full_layer_s": alone,
                                        "engine_layer_s": beside, "layers": layers})
     out: dict[str, dict] = {}
     for (name, b, _i, kind), runs in got.items():
@@ -265,7 +266,9 @@ def _calibrate_once(device: str, model: ModelSpec, quick: bool, name: str | None
     dense = model.moe is None and model.mla is None and model.layer_types is None
     ref_batch = REFERENCE_BATCH if REFERENCE_BATCH in batches else min(batches)
     timed: list = []
-    replayed = replay_points(device, everyone, batches, rounds, steps, engine=raw["copy_engine"],
+    # the copy engine's pairs on every fitted shape; --quick: the model's own only (prefetch needs 2 layers to run ahead)
+    paired = {model.name} if quick else {m.name for m in fitted}
+    replayed = replay_points(device, everyone, batches, rounds, steps, engine=(raw["copy_engine"], paired),
                              reference=(model.name, ref_batch, timed) if dense else None)
     if timed:
         shape = {k: getattr(model, k) for k in REFERENCE_DIMS + REFERENCE_FLAGS}

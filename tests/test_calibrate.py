@@ -190,7 +190,7 @@ def test_cli_calibrate_cpu_quick_writes_a_loadable_measured_profile(tmp_path):
     LinkFit(**raw["fits"]["h2d_pinned"])  # the fit's fields are all there
     # The copy engine's cost: per fitted shape and round, `full` then prefetch-layer with nothing to copy, back to back.
     pairs = raw["copy_engine"]
-    assert len(pairs) == calibrate_module.QUICK_ROUNDS * len(fitted)
+    assert len(pairs) == calibrate_module.QUICK_ROUNDS and {q["shape"] for q in pairs} == {fitted[0]["model"]["name"]}
     assert all(q["batch"] == calibrate_module.ENGINE_BATCH and q["full_layer_s"] > 0 and q["engine_layer_s"] > 0
                for q in pairs)
     engine = raw["fits"]["copy_engine"]
