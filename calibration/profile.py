@@ -224,7 +224,9 @@ def build_profile(raw: dict, fitted: dict, name: str | None = None) -> HardwareS
     if "host-gather" in (fitted.get("mechanisms") or {}) and raw.get("bounce_bytes"):
         values["host_gather_chunk_mb"] = raw["bounce_bytes"] / 2**20
         sources["host_gather_chunk_mb"] = (f"{where}, the pinned bounce chunk the host-gather benchmark fills before "
-                                           "each copy (hw/copy_bench.BOUNCE_BYTES): a choice of the mechanism, not a fit")
+                                           "each copy (the replay copy engine's BOUNCE_ROWS rows of the benchmark's "
+                                           "128-byte KV rows, hw/copy_bench.ReplayPieces): a choice of the mechanism, "
+                                           "not a fit")
     sheet = datasheet_for(info)
     label = info["name"]
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48]

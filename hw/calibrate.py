@@ -28,7 +28,7 @@ from tiersim.calibration.profile import Calibration, build_profile, fits
 from tiersim.errors import TiersimError
 from tiersim.hw.compute_rounds import interleaved
 from tiersim.hw.config import ReplayConfig, reduced_model
-from tiersim.hw.copy_bench import BOUNCE_BYTES
+from tiersim.hw.copy_bench import ReplayPieces
 from tiersim.hw.device import device_name, resolve_device
 from tiersim.hw.kernels import head_kernel, layer_kernel
 from tiersim.hw.microbench import MIB, gather_curve, layer_points, measure
@@ -281,7 +281,7 @@ def _calibrate_once(device: str, model: ModelSpec, quick: bool, name: str | None
     own = next(s for s in raw["shapes"] if s["model"]["name"] == model.name)
     raw["layers"], raw["head"] = own["layers"], own["head"]
     raw["launch"]["step_overhead"] = step_overhead(device, raw["launch"]["noop_head"]["median_s"])
-    raw["bounce_bytes"] = BOUNCE_BYTES  # the host-gather benchmark's (and replay's order of) pinned chunk
+    raw["bounce_bytes"] = ReplayPieces.bounce_bytes()  # the host-gather benchmark's pinned chunk
     result = fits(raw)
     raw["fits"] = result
     profile = build_profile(raw, result, name)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from tiersim.hw.copies import COPY_METHODS, CPU_METHODS, coalesce
+from tiersim.hw.copies import COPY_METHODS, CPU_METHODS
 from tiersim.hw.device import uva_alias
 from tiersim.hw.kernels import decode_attention, torch_dtype
 from tiersim.hw.streams import cpu_threads
@@ -32,7 +32,6 @@ KIB, MIB = 1 << 10, 1 << 20
 PIECE_SIZES = tuple(256 * 4**i for i in range(10))  # 256 B .. 64 MiB
 PIECE_COUNTS = (1, 16, 256, 4096)
 GATE_CYCLES = 300_000_000  # spin kernel holding both streams while the host enqueues (~0.15 s at ~2 GHz)
-BOUNCE_BYTES = 8 * MIB  # the replay's bounce chunk order of size (hw/memory.BOUNCE_ROWS rows of a KV row)
 
 
 def methods_for(device) -> tuple[str, ...]:
@@ -41,77 +40,29 @@ def methods_for(device) -> tuple[str, ...]:
 
 
 class PieceCopy:
-    """N pieces of S bytes, scattered in a (pinned, on CUDA) host pool, copied into one device buffer by a mechanism."""
+    """N pieces of S bytes scattered in a host pool of 2N pieces (every other piece, at random), gathered into one
+    host buffer by one fused index_select: the host side of host-gather, timed by threads (`host_gather_threads`)."""
 
-    def __init__(self, device, piece_bytes: int, pieces: int, seed: int = 0):
+    def __init__(self, piece_bytes: int, pieces: int, seed: int = 0):
         import torch
 
-        self.device, self.cuda = device, device.type == "cuda"
         self.S, self.N = piece_bytes, pieces
-        cols = piece_bytes // 2  # int16 elements: the UVA alias needs a 2-byte type
-        self.src = torch.ones(2 * pieces, cols, dtype=torch.int16, pin_memory=self.cuda)
+        cols = piece_bytes // 2
+        self.src = torch.ones(2 * pieces, cols, dtype=torch.int16)
         idx = np.sort(np.random.default_rng(seed).permutation(2 * pieces)[:pieces])
         self.idx = torch.as_tensor(idx, dtype=torch.int64)
-        self.idx_list = idx.tolist()
-        src, rows = coalesce(idx, np.ones(pieces, dtype=np.int64))
-        self.runs = list(zip(src.tolist(), rows.tolist()))
-        self.dst = torch.empty(pieces, cols, dtype=torch.int16, device=device)
-        chunk = max(1, min(pieces, BOUNCE_BYTES // piece_bytes))
-        self.bounce = [torch.empty(chunk, cols, dtype=torch.int16, pin_memory=self.cuda) for _ in range(2)]
-        self.alias = self.idx_dev = None
-        if self.cuda:
-            self.idx_dev = self.idx.to(device)
-            try:
-                self.alias = uva_alias(self.src, device)
-            except Exception:  # noqa: BLE001 - the gather kernel is then unavailable (reported as such)
-                self.alias = None
+        self.dst = torch.empty(pieces, cols, dtype=torch.int16)
 
     @property
     def nbytes(self) -> int:
-        """Bytes one copy moves."""
+        """Bytes one gather moves."""
         return self.S * self.N
 
-    def fn(self, method: str):
-        """A callable doing one copy of every piece by `method` (None where the device cannot run it)."""
-        return {"dma": self._dma, "dma-batched": self._batched, "host-gather": self._host_gather,
-                "gather-kernel": self._gather_kernel if self.alias is not None else None}[method]
-
-    def _dma(self) -> None:
-        nb = self.cuda
-        for i, j in enumerate(self.idx_list):
-            self.dst[i].copy_(self.src[j], non_blocking=nb)
-
-    def _batched(self) -> None:
+    def gather(self) -> None:
+        """Every piece into `dst`, in one call."""
         import torch
 
-        if not self.cuda:
-            torch.index_select(self.src, 0, self.idx, out=self.dst)
-            return
-        at = 0
-        for start, rows in self.runs:  # torch has no batched memcpy: one copy per run of adjacent pieces
-            self.dst[at: at + rows].copy_(self.src[start: start + rows], non_blocking=True)
-            at += rows
-
-    def _gather_kernel(self) -> None:
-        import torch
-
-        torch.index_select(self.alias, 0, self.idx_dev, out=self.dst)
-
-    def _host_gather(self) -> None:
-        import torch
-
-        chunk = len(self.bounce[0])
-        done = [None, None]
-        for i, start in enumerate(range(0, self.N, chunk)):
-            part = self.idx[start: start + chunk]
-            b = self.bounce[i % 2][: len(part)]
-            if done[i % 2] is not None:
-                done[i % 2].synchronize()
-            torch.index_select(self.src, 0, part, out=b)
-            self.dst[start: start + len(part)].copy_(b, non_blocking=self.cuda)
-            if self.cuda:
-                done[i % 2] = torch.cuda.Event()
-                done[i % 2].record()
+        torch.index_select(self.src, 0, self.idx, out=self.dst)
 
 
 class ReplayPieces:
@@ -152,6 +103,14 @@ class ReplayPieces:
     def nbytes(self) -> int:
         """Bytes one copy moves."""
         return self.S * self.N
+
+    @classmethod
+    def bounce_bytes(cls) -> int:
+        """The pinned bounce chunk host-gather fills before each copy here: the replay's BOUNCE_ROWS rows of this
+        benchmark's KV rows (hw/copies.Copier)."""
+        from tiersim.hw.memory import BOUNCE_ROWS
+
+        return BOUNCE_ROWS * cls.ROW_DIM * 2
 
     def fn(self, method: str):
         """A callable staging every piece by `method` as the replay does (None where the device cannot run it)."""
@@ -289,7 +248,7 @@ def host_gather_threads(model: ModelSpec, block_size: int = 16, nbytes: int = 64
     import torch
 
     piece = block_size * model.kv_heads * model.head_dim * model.dtype_bytes
-    pc = PieceCopy(torch.device("cpu"), piece, max(1, nbytes // piece))
+    pc = PieceCopy(piece, max(1, nbytes // piece))
     if pinned:
         pc.dst = pc.dst.pin_memory()
     cores = os.cpu_count() or 1
@@ -297,7 +256,7 @@ def host_gather_threads(model: ModelSpec, block_size: int = 16, nbytes: int = 64
     out = []
     for n in threads:
         with cpu_threads(n):
-            t = time_op(pc.fn("dma-batched"), torch.device("cpu"), repeats=repeats, budget_s=2.0)
+            t = time_op(pc.gather, torch.device("cpu"), repeats=repeats, budget_s=2.0)
         out.append({"threads": n, "piece_bytes": piece, "bytes": pc.nbytes, **t.to_dict(),
                     "gbps": pc.nbytes / t.median_s / 1e9})
     return out
