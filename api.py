@@ -257,10 +257,10 @@ def validate(device: str = "cpu", model: str | os.PathLike | ModelSpec | None = 
 
 
 def calibrate(device: str = "cpu", model: str | os.PathLike | ModelSpec | None = None, *, quick: bool = False,
-              name: str | None = None, repeat: int = 1, progress=None) -> Calibration:
+              name: str | None = None, repeat: int = 1) -> Calibration:
     """Measure this machine (`.profile`, `.raw`; `.write(path)` saves both) with `model`'s layer shapes; with
     `repeat` N, N whole measurements pooled (their medians' median), the spread between them kept."""
     from tiersim.hw.calibrate import calibrate as run
 
     chosen = model if model is not None else ("r1-qwen-7b" if device.startswith("cuda") else "r1-qwen-1.5b")
-    return run(device, as_model(chosen), quick, name, repeat=repeat, progress=progress)
+    return run(device, as_model(chosen), quick, name, repeat=repeat)

@@ -74,7 +74,7 @@ def _pool(values: list, key: str):
     if isinstance(first, bool):
         flags = [bool(v) for v in values]
         return sum(flags) * 2 > len(flags)
-    if isinstance(first, int | float) and first is not None:
+    if isinstance(first, int | float):
         nums = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
         finite = [v for v in nums if math.isfinite(v)]
         if not finite:

@@ -93,6 +93,13 @@ def step_overhead(device: str, noop_head_s: float, steps: int = 40) -> dict:
             "overhead_us": max(0.0, medians[1] - layer - noop_head_s) * 1e6}
 
 
+def _points_trace(folder: str, steps: int):
+    """The synthetic trace replay_points and the speed reference replay (4 requests of REPLAY_PROMPT tokens, `steps`
+    decode steps and a margin): (path, trace)."""
+    path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 4, REPLAY_PROMPT, steps + 8, seed=0)
+    return path, read_trace(path)
+
+
 def _replay_full(device: str, model: ModelSpec, batch: int, steps: int, path: Path, trace, strategy: str = "full"):
     """One `full` replay of `model` cut to REPLAY_LAYERS layers over `trace` (read from `path`): (result, workload,
     layers replayed). Another `strategy` keeps every token in the HBM tier (nothing to copy)."""
@@ -104,13 +111,17 @@ def _replay_full(device: str, model: ModelSpec, batch: int, steps: int, path: Pa
     return replay(cfg, w), w, cut.layers
 
 
+def _decode_steps(result, w) -> np.ndarray:
+    """Indices of a replay's decode steps (no prefill in the step)."""
+    return np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
+
+
 def _halves(result, w, layers: int, batch: int) -> list[tuple[str, int, Timing]]:
-    """A replay's decode steps (no prefill in the step) cut into two halves of growing context: per half the
-    per-layer time and the lm_head time over its steps (hw.timing.summarize, one step a sample), each as
-    (kind, mean KV tokens per sequence, Timing)."""
-    decode = np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
+    """A replay's decode steps cut into two halves of growing context: per half the per-layer time and the lm_head
+    time over its steps (hw.timing.summarize, one step a sample), each as (kind, mean KV tokens per sequence,
+    Timing)."""
     out = []
-    for part in np.array_split(decode, 2):
+    for part in np.array_split(_decode_steps(result, w), 2):
         if len(part) < 3:
             continue
         kv = int(round(float(np.mean(w.column("tokens")[part])) / batch))
@@ -130,13 +141,12 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
 
     With `engine` (a list, shape names), each of those shapes' `full` replay at ENGINE_BATCH (else the largest batch)
     is followed at once by a prefetch-layer replay with nothing to copy, and the pair's median decode-layer times are
-    appended to the list. With
-    `reference` (shape name, batch, list), that shape's replay at that batch appends its median decode step."""
+    appended to the list. With `reference` (shape name, batch, list), that shape's replay at that batch appends its
+    median decode step."""
     got: dict[tuple, list[dict]] = {}
     pair_batch = ENGINE_BATCH if ENGINE_BATCH in batches else max(batches)
     with tempfile.TemporaryDirectory(prefix="tiersim-replay-points-") as folder:
-        path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 4, REPLAY_PROMPT, steps + 8, seed=0)
-        trace = read_trace(path)
+        path, trace = _points_trace(folder, steps)
         for r in range(rounds):
             for m in list(shapes[r % len(shapes):]) + list(shapes[: r % len(shapes)]):
                 for b in batches:
@@ -161,8 +171,7 @@ def replay_points(device: str, shapes: Sequence[ModelSpec], batches: Sequence[in
 
 def _decode_step_s(result, w) -> float:
     """The median over a replay's decode steps of the whole step (layers and lm_head)."""
-    decode = np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
-    return float(np.median(result.step_s[decode]))
+    return float(np.median(result.step_s[_decode_steps(result, w)]))
 
 
 def reference_spec(ref: dict) -> ModelSpec:
@@ -177,15 +186,13 @@ def reference_step_s(device: str, ref: dict) -> float:
     step in seconds."""
     with tempfile.TemporaryDirectory(prefix="tiersim-reference-") as folder:
         steps = int(ref["steps"])
-        path = write_synth_trace(Path(folder) / "t.tstrace", SynthParams(), 4, REPLAY_PROMPT, steps + 8, seed=0)
-        result, w, _ = _replay_full(device, reference_spec(ref), int(ref["batch"]), steps, path, read_trace(path))
+        result, w, _ = _replay_full(device, reference_spec(ref), int(ref["batch"]), steps, *_points_trace(folder, steps))
     return _decode_step_s(result, w)
 
 
 def _decode_layer_s(result, w, layers: int) -> float:
     """The median over a replay's decode steps of its time per decoder layer."""
-    decode = np.flatnonzero(w.column("prefill")[: len(result.step_s)] == 0)
-    return float(np.median(result.layers_s[decode])) / layers
+    return float(np.median(result.layers_s[_decode_steps(result, w)])) / layers
 
 
 def use_replay_points(shape: dict, points: dict) -> None:
@@ -207,33 +214,24 @@ def row_gathers(device, model: ModelSpec, quick: bool, repeats: int) -> list[dic
 
 
 def calibrate(device: str, model: ModelSpec, quick: bool = False, name: str | None = None,
-              shapes: Sequence[ModelSpec] | None = None, held_out: Sequence[ModelSpec] = (), repeat: int = 1,
-              progress=None) -> Calibration:
+              shapes: Sequence[ModelSpec] | None = None, held_out: Sequence[ModelSpec] = (), repeat: int = 1
+              ) -> Calibration:
     """Measure the machine on `model`'s shapes (and `shapes`: more fitted shapes; default on CPU: NARROW_MODEL),
     measure `held_out` shapes without fitting them, and fit a hardware profile; the raw data rides along.
 
     With `repeat` N > 1 the whole measurement runs N times in a row and the profile is fitted on their pooled
     medians (calibration/pool.py); each repeat's own profile is fitted too, and how far apart they are per field is
-    kept in the raw data (`repeats`) and the profile's [fit] table (`repeat_spread_pct`). `progress(i, n)` is called
-    as each repeat starts."""
+    kept in the raw data (`repeats`) and the profile's [fit] table (`repeat_spread_pct`)."""
     if repeat < 1:
         raise TiersimError(f"--repeat must be at least 1, got {repeat}")
     if repeat == 1:
         return _calibrate_once(device, model, quick, name, shapes, held_out)
     wall = time.perf_counter()
-    runs = []
-    for i in range(repeat):
-        if progress is not None:
-            progress(i, repeat)
-        runs.append(_calibrate_once(device, model, quick, name, shapes, held_out))
+    runs = [_calibrate_once(device, model, quick, name, shapes, held_out) for _ in range(repeat)]
     raw = pool([c.raw for c in runs])
-    result = fits(raw)
-    raw["fits"] = result
-    profile = build_profile(raw, result, name)
     apart = spread([c.profile.to_dict() for c in runs])
-    profile = dataclasses.replace(profile, fit={**(profile.fit or {}), "repeats": repeat, "repeat_spread_pct": {
-        k: round(v["spread_pct"], 2) for k, v in apart.items()}})
-    raw["profile"] = profile.to_dict()
+    profile = _fit_profile(raw, name, {"repeats": repeat,
+                                       "repeat_spread_pct": {k: round(v["spread_pct"], 2) for k, v in apart.items()}})
     raw["repeats"] = {"n": repeat, "spread": apart, "wall_s": [c.raw["wall_s"] for c in runs],
                       "how": "every timing the median of the repeats' medians (calibration/pool.py), then one fit"}
     raw["wall_s"] = time.perf_counter() - wall
@@ -282,12 +280,19 @@ def _calibrate_once(device: str, model: ModelSpec, quick: bool, name: str | None
     raw["layers"], raw["head"] = own["layers"], own["head"]
     raw["launch"]["step_overhead"] = step_overhead(device, raw["launch"]["noop_head"]["median_s"])
     raw["bounce_bytes"] = ReplayPieces.bounce_bytes()  # the host-gather benchmark's pinned chunk
-    result = fits(raw)
-    raw["fits"] = result
-    profile = build_profile(raw, result, name)
-    raw["profile"] = profile.to_dict()
+    profile = _fit_profile(raw, name)
     raw["wall_s"] = time.perf_counter() - wall  # the whole calibration (measure's own part is in its sweeps)
     return Calibration(profile, raw)
+
+
+def _fit_profile(raw: dict, name: str | None, fit_extra: dict | None = None):
+    """Fit `raw`, build the profile (its [fit] table with `fit_extra` added), and keep both in `raw`."""
+    raw["fits"] = fits(raw)
+    profile = build_profile(raw, raw["fits"], name)
+    if fit_extra:
+        profile = dataclasses.replace(profile, fit={**(profile.fit or {}), **fit_extra})
+    raw["profile"] = profile.to_dict()
+    return profile
 
 
 __all__ = ["MID_MODEL", "NARROW_MODEL", "NOOP_MODEL", "QUICK_ROUNDS", "ROUNDS", "Calibration", "calibrate", "launch_floor",

@@ -5,8 +5,8 @@ Every mechanism benchmark moves N scattered pieces of S bytes out of a host pool
 random) into one staging buffer on the device through the replay's own copy engine (hw/copies.Copier.stage on a
 StagedSet, `ReplayPieces`): the same per-piece views, strided copies, landing buffer and reorder the replay issues,
 so that the per-piece cost fitted here is the one the validation measures. (Before 2026-12-01 a bespoke loop of
-one contiguous copy per piece was timed: on the CPU device it cost ~2 us a piece against ~11 us a piece in the
-replay, and the suite's `dma` configurations were under-predicted by 17-20%.) On `--device cpu` the "device" is
+one contiguous copy per piece was timed: on the CPU device it cost ~5 us a piece against 10-18 us a piece in the
+replay's path, and the suite's `dma` configurations were under-predicted by 17-25%.) On `--device cpu` the "device" is
 host memory: dma is a loop of host memcpys, dma-batched one fused gather, host-gather a gather into a bounce buffer
 then a copy; gather-kernel needs CUDA and is left out. Results go into `measure`'s raw dict under
 `copy_mechanisms`, `interference` and `host_gather_threads` for the calibration fit.
@@ -76,10 +76,8 @@ class ReplayPieces:
     def __init__(self, device, piece_bytes: int, pieces: int, seed: int = 0):
         import torch
 
-        from tiersim.hw.copies import Copier, StagedSet
-
         self.device, self.cuda = device, device.type == "cuda"
-        kvh, d, dtype = self.KV_HEADS, self.ROW_DIM, torch.float16
+        kvh, d, self.dtype = self.KV_HEADS, self.ROW_DIM, torch.float16
         n = max(1, piece_bytes // (kvh * d * 2))  # tokens a piece
         self.S, self.N = n * kvh * d * 2, pieces
         pick = np.sort(np.random.default_rng(seed).permutation(2 * pieces)[:pieces])
@@ -87,17 +85,16 @@ class ReplayPieces:
         row = np.arange(pieces) * n * kvh  # staging row of each piece's slot
         table = np.stack([src, np.full(pieces, n), row, np.full(pieces, n), np.zeros(pieces, np.int64)], axis=1)
         h, t = np.meshgrid(np.arange(kvh), np.arange(n), indexing="ij")
-        gather = (src[:, None] + (t * kvh + h).ravel()[None, :]).ravel()
-        self.staged = StagedSet(gather.astype(np.int64), table.astype(np.int64), 0, kvh, parts=1)
-        self.host = torch.ones(2 * pieces * n * kvh, d, dtype=dtype, pin_memory=self.cuda)
-        self.out = torch.empty(pieces * n * kvh, d, dtype=dtype, device=device)
+        self.gather = (src[:, None] + (t * kvh + h).ravel()[None, :]).ravel().astype(np.int64)
+        self.table = table.astype(np.int64)
+        self.host = torch.ones(2 * pieces * n * kvh, d, dtype=self.dtype, pin_memory=self.cuda)
+        self.out = torch.empty(pieces * n * kvh, d, dtype=self.dtype, device=device)
         self.alias = None
         if self.cuda:
             try:
                 self.alias = uva_alias(self.host, device)
             except Exception:  # noqa: BLE001 - the gather kernel is then unavailable (reported as such)
                 self.alias = None
-        self.copier = lambda method: Copier(method, device, dtype, d, kvh, pieces * n * kvh, 1, parts=1)
 
     @property
     def nbytes(self) -> int:
@@ -112,14 +109,26 @@ class ReplayPieces:
 
         return BOUNCE_ROWS * cls.ROW_DIM * 2
 
+    def staged_set(self):
+        """The pieces as the replay's StagedSet (one per mechanism: `prepare` builds the index tensors its mechanism
+        needs, once)."""
+        from tiersim.hw.copies import StagedSet
+
+        return StagedSet(self.gather, self.table, 0, self.KV_HEADS, parts=1)
+
+    def copier(self, method: str):
+        """The replay's copy engine for `method`, its buffers sized for these pieces (one step)."""
+        from tiersim.hw.copies import Copier
+
+        return Copier(method, self.device, self.dtype, self.ROW_DIM, self.KV_HEADS, len(self.gather), 1, parts=1)
+
     def fn(self, method: str):
         """A callable staging every piece by `method` as the replay does (None where the device cannot run it)."""
         if method == "gather-kernel" and self.alias is None:
             return None
-        copier = self.copier(method)
-        self.staged.gather_host = None  # index tensors built for this mechanism (StagedSet.prepare builds them once)
-        self.staged.prepare(method, self.device)
-        return lambda: copier.stage(0, self.host, self.alias, self.staged, self.out)
+        copier, staged = self.copier(method), self.staged_set()
+        staged.prepare(method, self.device)
+        return lambda: copier.stage(0, self.host, self.alias, staged, self.out)
 
 
 def _point(device, method: str, S: int, N: int, repeats: int, budget_s: float) -> dict:

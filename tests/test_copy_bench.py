@@ -14,7 +14,7 @@ def test_every_piece_lands_in_the_attention_order(method, piece_bytes, pieces):
     pc = ReplayPieces(torch.device("cpu"), piece_bytes, pieces, seed=1)
     pc.host.copy_(torch.randn(pc.host.shape).to(pc.host.dtype))
     pc.fn(method)()
-    expected = pc.host.index_select(0, torch.as_tensor(pc.staged.gather))
+    expected = pc.host.index_select(0, torch.as_tensor(pc.gather))
     assert torch.equal(pc.out, expected)
     assert pc.nbytes == pc.S * pieces and pc.S >= 256  # a piece is at least one token's rows
 
@@ -22,8 +22,9 @@ def test_every_piece_lands_in_the_attention_order(method, piece_bytes, pieces):
 def test_the_copy_engine_counts_what_it_staged():
     pc = ReplayPieces(torch.device("cpu"), 1024, 16)
     copier = pc.copier("dma")
-    pc.staged.prepare("dma", pc.device)
-    copier.stage(0, pc.host, None, pc.staged, pc.out)
+    staged = pc.staged_set()
+    staged.prepare("dma", pc.device)
+    copier.stage(0, pc.host, None, staged, pc.out)
     assert copier.counts.h2d_pieces[0] == 16 and copier.counts.h2d_bytes[0] == pc.nbytes
     assert copier.counts.h2d_calls[0] == 16  # dma: one copy call per piece
 
